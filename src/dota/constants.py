@@ -1,0 +1,43 @@
+"""Every constant the package shares, in one place.
+
+Values quoted from the DoTA paper (Pastor-Serrano & Perko, PMB 2022) and the dataset format
+(``../shared/dataset-format.md``) are marked as such.
+"""
+
+from __future__ import annotations
+
+#: Default beam's-eye-view block, (depth, rows, cols) voxels: 150 x 24 x 24 (paper).
+BLOCK_SHAPE: tuple[int, int, int] = (150, 24, 24)
+#: Voxel size of the default block in mm, (depth, row, col) (paper).
+VOXEL_MM: tuple[float, float, float] = (2.0, 2.0, 2.0)
+#: Energy range the paper model was trained on, MeV; the default min-max scaling of the energy token.
+PAPER_ENERGY_RANGE_MEV: tuple[float, float] = (70.0, 220.0)
+#: Energies our engines (analytic, MCsquare beam model) are validated for, MeV.
+ENGINE_ENERGY_RANGE_MEV: tuple[float, float] = (70.0, 225.0)
+
+#: HU of air; fills everything outside a CT and the lateral padding of blocks.
+HU_AIR: float = -1000.0
+#: HU range kept when scaling geometry for the network (values beyond are clipped).
+HU_CLIP: tuple[float, float] = (-1000.0, 3000.0)
+
+#: Dataset format (``dataset-format.md``).
+FORMAT_VERSION: int = 1
+DOSE_UNIT: str = "Gy per 1e9 primaries"
+PRIMARIES_UNIT: float = 1e9
+
+#: Gamma protocol of the paper: global 1 %/3 mm, no low-dose cutoff; reference dose below 0.1 %
+#: of its maximum and prediction below 0.5 % are set to zero before the comparison.
+PAPER_GAMMA_DOSE_PERCENT: float = 1.0
+PAPER_GAMMA_DTA_MM: float = 3.0
+PAPER_GAMMA_REF_ZERO_FRACTION: float = 0.001
+PAPER_GAMMA_EVAL_ZERO_FRACTION: float = 0.005
+
+#: Published anchors (paper, 3888 test beamlets), used in reports beside our own figures.
+PAPER_GAMMA_PASS_DOTA: float = 99.37
+PAPER_GAMMA_PASS_PENCIL_BEAM: float = 98.68
+PAPER_REL_ERROR_DOTA: float = 0.126
+PAPER_REL_ERROR_PENCIL_BEAM: float = 0.306
+
+#: Output cutoff of the inference engine, as a fraction of the beamlet's dose maximum: dose the full
+#: model predicts below this beyond the computed range is allowed to be returned as zero.
+OUTPUT_CUTOFF_FRACTION: float = 1e-6
