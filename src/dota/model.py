@@ -1,0 +1,409 @@
+"""The DoTA network: a per-slice CNN encoder, an energy token, a causal transformer along depth and a
+per-slice decoder. Readable top to bottom; how it is *run* (truncation, caching, batching) lives in
+:mod:`dota.inference`.
+
+Shapes: a beamlet is a CT block (L, H, W) in the beam's-eye view (depth first) plus one energy. The
+encoder turns each of the L slices into a token of width ``d_model``; the energy becomes token 0; the
+transformer mixes tokens causally (token i sees tokens j <= i + num_forward); the decoder turns each
+slice token back into a dose slice. The network works on scaled quantities (see
+:class:`Normalization`); :meth:`DoTA.predict` takes HU and MeV and returns Gy per 1e9 primaries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dota.constants import BLOCK_SHAPE, HU_CLIP, PAPER_ENERGY_RANGE_MEV, VOXEL_MM
+from dota.errors import InputError
+
+
+@dataclass(frozen=True)
+class DoTAConfig:
+    block_shape: tuple[int, int, int] = BLOCK_SHAPE  # (depth L, rows H, cols W) voxels; H, W divisible by 4
+    voxel_mm: tuple[float, float, float] = VOXEL_MM  # voxel size (depth, row, col)
+    enc_channels: tuple[int, int, int] = (64, 64, 12)  # conv encoder widths; the last sets the token width
+    enc_groups: tuple[int, int, int] = (16, 16, 4)  # GroupNorm groups after each encoder conv
+    kernel_size: int = 5  # conv kernel (encoder and decoder), odd
+    num_heads: int = 16  # attention heads
+    head_dim: int = 432  # key/query/value size per head (Keras key_dim)
+    num_blocks: int = 1  # transformer blocks (pre-LN)
+    mlp_dims: tuple[int, ...] = (432, 432)  # MLP widths, GELU after each; the last must equal d_model
+    num_forward: int = 0  # look-ahead: token i attends to j <= i + num_forward
+    dropout: float = 0.2  # dropout in attention and MLP (training only)
+    ln_eps: float = 1e-6  # LayerNorm epsilon (Keras default used by the paper)
+
+    @property
+    def d_model(self) -> int:
+        """Token width: the flattened encoder output of one slice."""
+        _, h, w = self.block_shape
+        return (h // 4) * (w // 4) * self.enc_channels[-1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Energy token + one token per slice."""
+        return self.block_shape[0] + 1
+
+    def __post_init__(self) -> None:
+        l, h, w = self.block_shape
+        if h % 4 or w % 4 or l < 1:
+            raise InputError(f"block_shape {self.block_shape}: H and W must be multiples of 4")
+        if self.kernel_size % 2 == 0:
+            raise InputError(f"kernel_size must be odd, got {self.kernel_size}")
+        for c, g in zip(self.enc_channels, self.enc_groups):
+            if c % g:
+                raise InputError(f"encoder channels {c} not divisible by GroupNorm groups {g}")
+        if self.mlp_dims[-1] != self.d_model:
+            raise InputError(f"the last MLP width {self.mlp_dims[-1]} must equal d_model {self.d_model}")
+        if self.num_forward < 0 or self.num_blocks < 1 or self.num_heads < 1:
+            raise InputError("num_forward must be >= 0, num_blocks and num_heads >= 1")
+
+    @classmethod
+    def from_name(cls, name: str) -> DoTAConfig:
+        """A named preset: ``paper``, ``small`` or ``tiny`` (see :data:`PRESETS`)."""
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise InputError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DoTAConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InputError(f"unknown DoTAConfig fields {sorted(unknown)}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kwargs)
+
+
+PRESETS: dict[str, DoTAConfig] = {
+    # The published model: 12.63 M parameters, 1 block, 16 heads of size 432.
+    "paper": DoTAConfig(),
+    # Trains in minutes on 2 CPU cores; same block and token layout, narrower everywhere.
+    "small": DoTAConfig(
+        enc_channels=(16, 16, 4), enc_groups=(4, 4, 2), num_heads=4, head_dim=36, num_blocks=2,
+        mlp_dims=(144, 144), dropout=0.1,
+    ),
+    # For tests of multi-block models with look-ahead: tiny and fast, num_forward = 2.
+    "tiny": DoTAConfig(
+        enc_channels=(8, 8, 2), enc_groups=(4, 4, 2), num_heads=2, head_dim=16, num_blocks=2,
+        mlp_dims=(72, 72), num_forward=2, dropout=0.1,
+    ),
+}
+
+
+@dataclass
+class Normalization:
+    """Min-max scaling between physical units and the network's inputs and outputs.
+
+    Geometry: HU clipped to ``hu_range`` then mapped to [0, 1]. Energy: MeV mapped from
+    ``energy_range_mev`` to [0, 1] (also the trained range: predictions outside it are refused).
+    Dose: Gy per 1e9 primaries divided by ``dose_max``. Computed from training data
+    (:func:`dota.data.compute_normalization`) and stored with the checkpoint.
+    """
+
+    hu_range: tuple[float, float] = HU_CLIP
+    energy_range_mev: tuple[float, float] = PAPER_ENERGY_RANGE_MEV
+    dose_max: float = 1.0
+
+    def scale_geometry(self, hu: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.hu_range
+        return (hu.clamp(lo, hi) - lo) / (hi - lo)
+
+    def scale_energy(self, energy_mev: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.energy_range_mev
+        return (energy_mev - lo) / (hi - lo)
+
+    def unscale_dose(self, dose_scaled: torch.Tensor) -> torch.Tensor:
+        return dose_scaled * self.dose_max
+
+    def scale_dose(self, dose: torch.Tensor) -> torch.Tensor:
+        return dose / self.dose_max
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Normalization:
+        return cls(
+            hu_range=tuple(float(x) for x in data["hu_range"]),
+            energy_range_mev=tuple(float(x) for x in data["energy_range_mev"]),
+            dose_max=float(data["dose_max"]),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+class SliceEncoder(nn.Module):
+    """Per-slice CNN: (B*L, 1, H, W) -> (B*L, d_model). Conv-GroupNorm-MaxPool-ReLU twice, then
+    Conv-GroupNorm-ReLU, flattened channels-last (rows, cols, channels) as in the Keras original."""
+
+    def __init__(self, cfg: DoTAConfig) -> None:
+        super().__init__()
+        c1, c2, c3 = cfg.enc_channels
+        g1, g2, g3 = cfg.enc_groups
+        k, p = cfg.kernel_size, cfg.kernel_size // 2
+        self.conv1, self.norm1 = nn.Conv2d(1, c1, k, padding=p, bias=False), nn.GroupNorm(g1, c1, eps=1e-3)
+        self.conv2, self.norm2 = nn.Conv2d(c1, c2, k, padding=p, bias=False), nn.GroupNorm(g2, c2, eps=1e-3)
+        self.conv3, self.norm3 = nn.Conv2d(c2, c3, k, padding=p, bias=False), nn.GroupNorm(g3, c3, eps=1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.norm1(self.conv1(x)), 2))
+        x = F.relu(F.max_pool2d(self.norm2(self.conv2(x)), 2))
+        x = F.relu(self.norm3(self.conv3(x)))
+        return x.permute(0, 2, 3, 1).flatten(1)
+
+
+class SliceDecoder(nn.Module):
+    """Per-slice decoder: (B*L, d_model) -> (B*L, H, W). Two stride-2 transposed convs with
+    GroupNorm and ReLU, then a conv to one channel (with bias)."""
+
+    def __init__(self, cfg: DoTAConfig) -> None:
+        super().__init__()
+        c1, c2, c3 = cfg.enc_channels
+        g1, g2, _ = cfg.enc_groups
+        k, p = cfg.kernel_size, cfg.kernel_size // 2
+        self.grid = (cfg.block_shape[1] // 4, cfg.block_shape[2] // 4, c3)
+        self.up1 = nn.ConvTranspose2d(c3, c2, k, stride=2, padding=p, output_padding=1)
+        self.norm1 = nn.GroupNorm(g2, c2, eps=1e-3)
+        self.up2 = nn.ConvTranspose2d(c2, c1, k, stride=2, padding=p, output_padding=1)
+        self.norm2 = nn.GroupNorm(g1, c1, eps=1e-3)
+        self.out = nn.Conv2d(c1, 1, k, padding=p)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h, w, c = self.grid
+        x = tokens.reshape(-1, h, w, c).permute(0, 3, 1, 2)
+        x = F.relu(self.norm1(self.up1(x)))
+        x = F.relu(self.norm2(self.up2(x)))
+        return self.out(x)[:, 0]
+
+
+class Attention(nn.Module):
+    """Multi-head attention without biases, heads of size ``head_dim`` (inner width heads*head_dim)."""
+
+    def __init__(self, cfg: DoTAConfig) -> None:
+        super().__init__()
+        d, inner = cfg.d_model, cfg.num_heads * cfg.head_dim
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q = nn.Linear(d, inner, bias=False)
+        self.k = nn.Linear(d, inner, bias=False)
+        self.v = nn.Linear(d, inner, bias=False)
+        self.o = nn.Linear(inner, d, bias=False)
+        self.dropout = cfg.dropout
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, heads*head_dim) -> (B, heads, T, head_dim)."""
+        b, t, _ = x.shape
+        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split_heads(self.q(x)), self.split_heads(self.k(x)), self.split_heads(self.v(x))
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return self.o(y.transpose(1, 2).flatten(2))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DoTAConfig) -> None:
+        super().__init__()
+        dims = (cfg.d_model, *cfg.mlp_dims)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = self.drop(F.gelu(layer(x)))
+        return x
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: DoTAConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), mask)
+        return x + self.mlp(self.ln2(x))
+
+
+def attention_mask(num_tokens: int, num_forward: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean (T, T) mask, True where token i may attend to token j (j <= i + num_forward)."""
+    i = torch.arange(num_tokens, device=device)
+    return i[None, :] <= i[:, None] + num_forward
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class DoTA(nn.Module):
+    """DoTA: (B, L, H, W) scaled geometry + (B,) scaled energy -> (B, L, H, W) scaled dose.
+
+    The pieces are separate methods so an inference engine can run them selectively:
+    :meth:`encode` (per slice), :meth:`energy_embedding`, :meth:`add_positions`, ``blocks``,
+    :meth:`decode` (per slice).
+    """
+
+    def __init__(self, config: DoTAConfig | None = None, normalization: Normalization | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or DoTAConfig()
+        self.normalization = normalization or Normalization()
+        self.encoder = SliceEncoder(cfg)
+        self.energy = nn.Linear(1, cfg.d_model)
+        self.positions = nn.Parameter(torch.zeros(cfg.num_tokens, cfg.d_model))
+        nn.init.normal_(self.positions, std=0.02)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
+        self.decoder = SliceDecoder(cfg)
+        self.register_buffer("mask", attention_mask(cfg.num_tokens, cfg.num_forward), persistent=False)
+        self._engine = None  # the inference engine behind predict(), created on first use
+
+    # -- pieces ------------------------------------------------------------------------------
+    def encode(self, geometry: torch.Tensor) -> torch.Tensor:
+        """(B, l, H, W) scaled geometry -> (B, l, d_model) slice tokens (no positions)."""
+        b, l, h, w = geometry.shape
+        return self.encoder(geometry.reshape(b * l, 1, h, w)).view(b, l, -1)
+
+    def energy_embedding(self, energy: torch.Tensor) -> torch.Tensor:
+        """(B,) scaled energy -> (B, 1, d_model) energy token (no position)."""
+        return self.energy(energy.reshape(-1, 1, 1).to(self.energy.weight.dtype))
+
+    def add_positions(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Add learned positions to tokens occupying positions start..start+T-1 (0 is the energy)."""
+        return tokens + self.positions[start : start + tokens.shape[1]]
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, l, d_model) slice tokens after the transformer -> (B, l, H, W) scaled dose."""
+        b, l, _ = tokens.shape
+        _, h, w = self.config.block_shape
+        return self.decoder(tokens.reshape(b * l, -1)).view(b, l, h, w)
+
+    # -- the plain full forward pass ------------------------------------------------------------
+    def forward(self, geometry: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+        """Plain full pass over all L slices; the reference every fast path is tested against."""
+        x = torch.cat([self.energy_embedding(energy), self.encode(geometry)], dim=1)
+        x = self.add_positions(x)
+        mask = self.mask[: x.shape[1], : x.shape[1]]
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.decode(x[:, 1:])
+
+    # -- physical units ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def engine(self):
+        """The :class:`dota.inference.InferenceEngine` that :meth:`predict` uses."""
+        if self._engine is None:
+            from dota.inference.engine import InferenceEngine
+
+            self._engine = InferenceEngine(self)
+        return self._engine
+
+    def enable_kv_cache(self, enabled: bool = True) -> None:
+        """Seed-compatible switch: use the caching engine in :meth:`predict` (default) or the plain pass."""
+        self.engine.enabled = bool(enabled)
+
+    def reset_kv_cache(self) -> None:
+        """Seed-compatible: drop every cached geometry and prefix."""
+        self.engine.reset()
+
+    def predict(self, geometry_hu: Any, energies_mev: Any = None, batch_size: int = 16) -> np.ndarray:
+        """Dose in Gy per 1e9 primaries (N, L, H, W) float32 for HU blocks (N, L, H, W) and energies (N,) MeV.
+
+        Also accepts the seed's form ``model.predict([geometry_hu, energies_mev])``. Runs through the
+        inference engine (exact caching and truncation; see :mod:`dota.inference`).
+        """
+        if energies_mev is None:
+            if not isinstance(geometry_hu, (list, tuple)) or len(geometry_hu) != 2:
+                raise InputError("predict needs (geometry_hu, energies_mev) or [geometry_hu, energies_mev]")
+            geometry_hu, energies_mev = geometry_hu
+        return self.engine.predict(geometry_hu, energies_mev, batch_size=batch_size)
+
+
+def dota_energies(
+    num_tokens: int,
+    input_shape: tuple[int, int, int],
+    projection_dim: int,
+    num_heads: int,
+    num_transformers: int,
+    kernel_size: int,
+    dropout_rate: float = 0.2,
+    causal: bool = True,
+) -> DoTA:
+    """Compatibility constructor with the original DoTA signature.
+
+    ``num_tokens`` is the number of slices L (the energy token is added on top), ``input_shape`` is
+    (L, H, W) or (L, H, W, 1), ``projection_dim`` is the key size per head (432 in the paper).
+    ``causal=False`` gives full look-ahead (num_forward = L).
+    """
+    shape = tuple(int(s) for s in input_shape[:3])
+    if shape[0] != num_tokens:
+        raise InputError(f"num_tokens {num_tokens} must equal the depth of input_shape {shape}")
+    base = PRESETS["paper"]
+    cfg = replace(
+        base,
+        block_shape=shape,
+        num_heads=num_heads,
+        head_dim=projection_dim,
+        num_blocks=num_transformers,
+        kernel_size=kernel_size,
+        dropout=dropout_rate,
+        num_forward=0 if causal else num_tokens,
+    )
+    cfg = replace(cfg, mlp_dims=(cfg.d_model, cfg.d_model))
+    return DoTA(cfg)
+
+
+def scaled_inputs(model: DoTA, geometry_hu: np.ndarray, energies_mev: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated numpy HU/MeV -> scaled tensors on the model's device (no batch limit)."""
+    from dota.validation import check_beamlets
+
+    geometry, energies = check_beamlets(
+        geometry_hu,
+        energies_mev,
+        block_shape=model.config.block_shape,
+        energy_range_mev=model.normalization.energy_range_mev,
+    )
+    norm = model.normalization
+    g = norm.scale_geometry(torch.from_numpy(geometry).to(model.device))
+    e = norm.scale_energy(torch.from_numpy(energies).to(model.device))
+    return g, e
+
+
+def init_weights(model: DoTA, seed: int | None = None) -> DoTA:
+    """Re-initialise with a seeded generator (Glorot-uniform linears, like Keras)."""
+    gen = torch.Generator().manual_seed(0 if seed is None else seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(m.weight)
+                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                m.weight.copy_(torch.empty_like(m.weight).uniform_(-bound, bound, generator=gen))
+                if m.bias is not None:
+                    m.bias.zero_()
+        model.positions.copy_(torch.randn(model.positions.shape, generator=gen) * 0.02)
+    return model
+
+
+__all__ = ["DoTA", "DoTAConfig", "Normalization", "PRESETS", "dota_energies", "attention_mask"]
