@@ -1,0 +1,143 @@
+"""Training data: a torch ``Dataset`` streaming beamlets from HDF5 files, with the paper's augmentation.
+
+Each item is ``(geometry_scaled (L, H, W), energy_scaled (), dose_scaled (L, H, W))`` float32 tensors,
+scaled by a :class:`~dota.model.Normalization`. Files are opened lazily in each worker process, so
+datasets larger than memory work and ``DataLoader(num_workers>0)`` is safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dota.constants import HU_CLIP
+from dota.data.hdf5 import BeamletFile
+from dota.errors import DataFileError
+from dota.model import Normalization
+
+
+class BeamletDataset(Dataset):
+    """Beamlets ``indices`` of one or more dataset files.
+
+    Parameters
+    ----------
+    paths
+        One file or several (concatenated in order).
+    normalization
+        Scaling of geometry, energy and dose (computed with :func:`compute_normalization`).
+    indices
+        Global indices into the concatenation to use (e.g. a train or validation split); all by default.
+    augment
+        Random 90-degree lateral rotations (the paper's augmentation) and, if ``flips``, lateral flips.
+        The same transform is applied to geometry and dose. Uses ``torch``'s global RNG, so seeding
+        torch (and the DataLoader's generator) makes it reproducible.
+    """
+
+    def __init__(
+        self,
+        paths: str | Path | Sequence[str | Path],
+        normalization: Normalization,
+        indices: Sequence[int] | None = None,
+        augment: bool = False,
+        flips: bool = False,
+    ) -> None:
+        self.paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        self.normalization = normalization
+        self.augment, self.flips = augment, flips
+        self._files: list[BeamletFile] | None = None
+        sizes, shapes = [], set()
+        for p in self.paths:
+            with BeamletFile(p) as f:
+                if f.dose is None:
+                    raise DataFileError(f"{p} has no dose: cannot train or evaluate on it")
+                sizes.append(len(f))
+                shapes.add(f.block_shape)
+        if len(shapes) > 1:
+            raise DataFileError(f"dataset files have different block shapes: {sorted(shapes)}")
+        self.block_shape = shapes.pop() if shapes else None
+        self._offsets = np.cumsum([0, *sizes])
+        total = int(self._offsets[-1])
+        self.indices = np.arange(total) if indices is None else np.asarray(indices, dtype=np.int64)
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= total):
+            raise DataFileError(f"indices out of range for {total} beamlets")
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def _locate(self, i: int) -> tuple[BeamletFile, int]:
+        if self._files is None:
+            self._files = [BeamletFile(p) for p in self.paths]
+        g = int(self.indices[i])
+        k = int(np.searchsorted(self._offsets, g, side="right") - 1)
+        return self._files[k], g - int(self._offsets[k])
+
+    def raw(self, i: int) -> tuple[np.ndarray, float, np.ndarray]:
+        """Beamlet ``i`` in physical units: (geometry HU, energy MeV, dose Gy per 1e9)."""
+        f, j = self._locate(i)
+        return (
+            np.asarray(f.geometry[j], dtype=np.float32),
+            float(f.energy[j]),
+            np.asarray(f.dose[j], dtype=np.float32),
+        )
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        geometry, energy, dose = self.raw(i)
+        norm = self.normalization
+        g = norm.scale_geometry(torch.from_numpy(geometry))
+        e = norm.scale_energy(torch.tensor(energy, dtype=torch.float32))
+        d = norm.scale_dose(torch.from_numpy(dose))
+        if self.augment:
+            k = int(torch.randint(4, (1,)))
+            g, d = torch.rot90(g, k, dims=(1, 2)), torch.rot90(d, k, dims=(1, 2))
+            if self.flips and bool(torch.randint(2, (1,))):
+                g, d = torch.flip(g, dims=(2,)), torch.flip(d, dims=(2,))
+        return g.contiguous(), e, d.contiguous()
+
+    def close(self) -> None:
+        for f in self._files or []:
+            f.close()
+        self._files = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_files"] = None  # h5py handles do not cross process boundaries
+        return state
+
+
+def compute_normalization(
+    paths: str | Path | Sequence[str | Path],
+    indices: Sequence[int] | None = None,
+    hu_range: tuple[float, float] = HU_CLIP,
+    energy_range_mev: tuple[float, float] | None = None,
+) -> Normalization:
+    """Normalisation from training data: dose scale = the largest dose in the training beamlets,
+    energy range = the training energies' min and max (unless given), HU clip range fixed."""
+    ds = BeamletDataset(paths, Normalization(), indices)
+    dose_max, e_lo, e_hi = 0.0, np.inf, -np.inf
+    try:
+        for i in range(len(ds)):
+            f, j = ds._locate(i)
+            dose_max = max(dose_max, float(np.max(f.dose[j])))
+            e_lo, e_hi = min(e_lo, float(f.energy[j])), max(e_hi, float(f.energy[j]))
+    finally:
+        ds.close()
+    if len(ds) == 0 or dose_max <= 0:
+        raise DataFileError("training data is empty or has no dose: cannot compute normalisation")
+    if energy_range_mev is None:
+        if e_hi - e_lo < 1.0:
+            e_lo, e_hi = e_lo - 0.5, e_hi + 0.5
+        energy_range_mev = (e_lo, e_hi)
+    return Normalization(hu_range=hu_range, energy_range_mev=tuple(energy_range_mev), dose_max=dose_max)
+
+
+def split_indices(n: int, val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random train/validation split (the paper uses 90/10)."""
+    if n < 2:
+        raise DataFileError(f"need at least 2 beamlets to split into training and validation, got {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = min(max(1, int(round(n * val_fraction))), n - 1)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
