@@ -33,8 +33,9 @@ class BeamletDataset(Dataset):
         Global indices into the concatenation to use (e.g. a train or validation split); all by default.
     augment
         Random 90-degree lateral rotations (the paper's augmentation) and, if ``flips``, lateral flips.
-        The same transform is applied to geometry and dose. Uses ``torch``'s global RNG, so seeding
-        torch (and the DataLoader's generator) makes it reproducible.
+        The same transform is applied to geometry and dose. The transform of item ``i`` is drawn from
+        a generator seeded by ``(seed, epoch, i)`` (see :meth:`set_epoch`), so it is reproducible in
+        any worker and after a resume.
     """
 
     def __init__(
@@ -44,10 +45,12 @@ class BeamletDataset(Dataset):
         indices: Sequence[int] | None = None,
         augment: bool = False,
         flips: bool = False,
+        seed: int = 0,
     ) -> None:
         self.paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
         self.normalization = normalization
         self.augment, self.flips = augment, flips
+        self.seed, self.epoch = seed, 0
         self._files: list[BeamletFile] | None = None
         sizes, shapes = [], set()
         for p in self.paths:
@@ -91,11 +94,16 @@ class BeamletDataset(Dataset):
         e = norm.scale_energy(torch.tensor(energy, dtype=torch.float32))
         d = norm.scale_dose(torch.from_numpy(dose))
         if self.augment:
-            k = int(torch.randint(4, (1,)))
+            rng = np.random.default_rng([self.seed, self.epoch, int(self.indices[i])])
+            k = int(rng.integers(4))
             g, d = torch.rot90(g, k, dims=(1, 2)), torch.rot90(d, k, dims=(1, 2))
-            if self.flips and bool(torch.randint(2, (1,))):
+            if self.flips and rng.integers(2):
                 g, d = torch.flip(g, dims=(2,)), torch.flip(d, dims=(2,))
         return g.contiguous(), e, d.contiguous()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of ``epoch``."""
+        self.epoch = int(epoch)
 
     def close(self) -> None:
         for f in self._files or []:
