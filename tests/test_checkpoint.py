@@ -57,3 +57,14 @@ def test_training_state_refuses_pickled_code(tmp_path):
     torch.save({"x": Evil()}, path)
     with pytest.raises(DataFileError, match="corrupt"):
         checkpoint.load_training_state(path)
+
+
+def test_atomic_write_uses_normal_permissions(tmp_path):
+    import os
+
+    path = tmp_path / "f.txt"
+    checkpoint.atomic_write(path, lambda t: open(t, "w").write("x"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]

@@ -41,3 +41,13 @@ PAPER_REL_ERROR_PENCIL_BEAM: float = 0.306
 #: Output cutoff of the inference engine, as a fraction of the beamlet's dose maximum: dose the full
 #: model predicts below this beyond the computed range is allowed to be returned as zero.
 OUTPUT_CUTOFF_FRACTION: float = 1e-6
+
+#: MCsquare (Monte Carlo ground truth): the PyPI wheel its Linux builds and data come from, and the
+#: primaries per beamlet used when none are given (about 2 % statistical uncertainty at the peak).
+MCSQUARE_WHEEL: str = "opentps-core==2.0.0"
+MCSQUARE_DEFAULT_PRIMARIES: int = 100_000
+
+#: Water-equivalent safety margin (mm) the inference engine adds to a beamlet's analytic dose extent
+#: when it truncates the computed depth (``dota.physics.stopping_depth_index``); validated against the
+#: analytic engine and trained models in ``tests/inference/test_truncation.py``.
+TRUNCATION_MARGIN_MM: float = 5.0

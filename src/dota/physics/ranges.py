@@ -1,0 +1,96 @@
+"""Proton ranges in water from the NIST PSTAR table (CSDA range against kinetic energy).
+
+The table (``dota/resources/pstar_water_csda.csv``, NIST public data) lists 70-225 MeV. Between its
+rows the range is interpolated linearly in log(range) against log(energy); outside them it follows
+the power law (Bragg-Kleeman rule) of the nearest end segment, which is within a few per cent of
+PSTAR down to a few MeV (used only for the residual energy of protons near the end of their range).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+from dota.errors import DataFileError, InputError
+
+#: Proton rest energy, MeV.
+PROTON_MASS_MEV: float = 938.272
+
+_PSTAR_FILE = "pstar_water_csda.csv"
+
+
+@dataclass(frozen=True)
+class PstarTable:
+    """NIST PSTAR rows for liquid water (density 1 g/cm^3): energies in MeV, CSDA ranges in mm."""
+
+    energy_mev: np.ndarray
+    csda_range_mm: np.ndarray
+
+
+@functools.lru_cache(maxsize=1)
+def load_pstar() -> PstarTable:
+    """The PSTAR water table shipped with the package (read-only arrays, sorted by energy)."""
+    try:
+        text = resources.files("dota").joinpath("resources", _PSTAR_FILE).read_text(encoding="utf-8")
+    except (FileNotFoundError, OSError) as exc:
+        raise DataFileError(f"PSTAR table dota/resources/{_PSTAR_FILE} is missing: reinstall the package ({exc})") from None
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or line.startswith("energy"):
+            continue
+        try:
+            energy, range_g_cm2 = (float(x) for x in line.split(","))
+        except ValueError:
+            raise DataFileError(f"PSTAR table dota/resources/{_PSTAR_FILE}: cannot read the row {line!r}") from None
+        rows.append((energy, 10.0 * range_g_cm2))
+    table = np.array(sorted(rows), dtype=np.float64)
+    if len(table) < 2 or np.any(np.diff(table[:, 0]) <= 0) or np.any(np.diff(table[:, 1]) <= 0):
+        raise DataFileError(f"PSTAR table dota/resources/{_PSTAR_FILE} is not a strictly increasing range-energy table")
+    energy_mev, range_mm = table[:, 0].copy(), table[:, 1].copy()
+    energy_mev.flags.writeable = False
+    range_mm.flags.writeable = False
+    return PstarTable(energy_mev=energy_mev, csda_range_mm=range_mm)
+
+
+def _loglog(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """Piecewise-linear interpolation in log-log space, power-law extrapolation from the end segments."""
+    lx, lxp, lfp = np.log(x), np.log(xp), np.log(fp)
+    out = np.interp(lx, lxp, lfp)
+    lo_slope = (lfp[1] - lfp[0]) / (lxp[1] - lxp[0])
+    hi_slope = (lfp[-1] - lfp[-2]) / (lxp[-1] - lxp[-2])
+    out = np.where(lx < lxp[0], lfp[0] + lo_slope * (lx - lxp[0]), out)
+    out = np.where(lx > lxp[-1], lfp[-1] + hi_slope * (lx - lxp[-1]), out)
+    return np.exp(out)
+
+
+def _positive(values, what: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise InputError(f"{what} must be finite and positive")
+    return arr
+
+
+def csda_range_mm(energy_mev: np.ndarray | float) -> np.ndarray | float:
+    """CSDA range of protons in water, mm, for kinetic energies in MeV (vectorised; scalar in, scalar out)."""
+    energy = _positive(energy_mev, "energy (MeV)")
+    table = load_pstar()
+    out = _loglog(energy, table.energy_mev, table.csda_range_mm)
+    return float(out) if out.ndim == 0 else out
+
+
+def energy_from_csda_range_mev(range_mm: np.ndarray | float) -> np.ndarray | float:
+    """Inverse of :func:`csda_range_mm`: the kinetic energy (MeV) whose CSDA range in water is ``range_mm``."""
+    ranges_mm = _positive(range_mm, "range (mm)")
+    table = load_pstar()
+    out = _loglog(ranges_mm, table.csda_range_mm, table.energy_mev)
+    return float(out) if out.ndim == 0 else out
+
+
+def pv_mev(energy_mev: np.ndarray) -> np.ndarray:
+    """Momentum times speed (MeV) of a proton of kinetic energy ``energy_mev``."""
+    e = np.asarray(energy_mev, dtype=np.float64)
+    return e * (e + 2.0 * PROTON_MASS_MEV) / (e + PROTON_MASS_MEV)
