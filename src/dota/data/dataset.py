@@ -123,7 +123,8 @@ def compute_normalization(
     energy_range_mev: tuple[float, float] | None = None,
 ) -> Normalization:
     """Normalisation from training data: dose scale = the largest dose in the training beamlets,
-    energy range = the training energies' min and max (unless given), HU clip range fixed."""
+    energy range = the training energies' min and max rounded outwards to whole MeV (unless given;
+    so data drawn from 70-220 MeV gives a model that accepts 70 and 220), HU clip range fixed."""
     ds = BeamletDataset(paths, Normalization(), indices)
     dose_max, e_lo, e_hi = 0.0, np.inf, -np.inf
     try:
@@ -136,6 +137,7 @@ def compute_normalization(
     if len(ds) == 0 or dose_max <= 0:
         raise DataFileError("training data is empty or has no dose: cannot compute normalisation")
     if energy_range_mev is None:
+        e_lo, e_hi = float(np.floor(e_lo)), float(np.ceil(e_hi))
         if e_hi - e_lo < 1.0:
             e_lo, e_hi = e_lo - 0.5, e_hi + 0.5
         energy_range_mev = (e_lo, e_hi)
