@@ -75,6 +75,75 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dota.generate import generate_dataset, parse_energies, parse_energy_range
+
+    engine_kwargs = {k: v for k, v in (("primaries", args.primaries), ("threads", args.threads)) if v is not None}
+    out = generate_dataset(
+        args.out, engine=args.engine, engine_kwargs=engine_kwargs, n_beamlets=args.num_beamlets,
+        energies=parse_energies(args.energies) if args.energies else None,
+        energy_range_mev=parse_energy_range(args.energy_range) if args.energy_range else None,
+        phantom=args.phantom, ct=args.ct.split(",") if args.ct else None, seed=args.seed,
+        resume=args.resume, workers=args.workers, ray_address=args.ray_address, group_size=args.group_size,
+        progress=not args.no_progress,
+    )
+    print(f"dataset written to {out}")
+    return 0
+
+
+def cmd_mcsquare(args: argparse.Namespace) -> int:
+    from dota.engines.mcsquare import find_mcsquare, install_mcsquare, select_build
+
+    if args.action == "install":
+        root = install_mcsquare(args.cache_dir, force=args.force)
+        print(f"MCsquare installed in {root} (build for this CPU: {select_build()})")
+    else:
+        inst = find_mcsquare(args.cache_dir)
+        print(inst.binary)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dota.bench import run_benchmark
+
+    scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()] if args.scenarios else None
+    words = ["dota bench", f"--out {args.out}", f"--model {args.model}", f"--seed {args.seed}"]
+    words += [f"--{k.replace('_', '-')} {v}" for k, v in (("scenarios", args.scenarios), ("threads", args.threads),
+                                                           ("batch_size", args.batch_size)) if v is not None]
+    words += [f"--{flag}" for flag in ("quick", "bf16", "compile") if getattr(args, flag)]
+    report = run_benchmark(args.out, model=args.model, quick=args.quick, scenarios=scenarios, seed=args.seed,
+                           threads=args.threads, progress=not args.no_progress,
+                           precision="bf16" if args.bf16 else "fp32", compile=args.compile, batch_size=args.batch_size,
+                           command=" ".join(words))
+    for s in report["scenarios"]:
+        print(f"{s['name']:>13}: plain {s['baseline_ms']['median']:7.1f} ms/beamlet, engine {s['engine_ms']['median']:7.1f}"
+              f" ms/beamlet, speedup {s['speedup']:.2f}x, max diff {s['max_abs_diff_rel']:.1e}")
+    print(f"results: {Path(args.out).resolve()} (bench.json, bench.md, *.png)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dota.report import build_report
+
+    roots = list(args.inputs)
+    out = args.out or (roots[0] / "report" if len(roots) == 1 and roots[0].is_dir() else Path("report"))
+    words = ["dota report", *map(str, roots)]
+    for flag, values in (("--train", args.train), ("--evaluate", args.evaluate), ("--bench", args.bench)):
+        words += [f"{flag} {v}" for v in values or []]
+    words += [f"--out {out}", f"--worst-k {args.worst_k}"] + (["--no-analytic"] if args.no_analytic else [])
+    index = build_report(roots or None, out, train=args.train, evaluate=args.evaluate, bench=args.bench,
+                         worst_k=args.worst_k, analytic=not args.no_analytic, command=" ".join(words))
+    print(f"report: {index.resolve()}  (open it with 'dota view {out}')")
+    return 0
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from dota.report import view_report
+
+    view_report(args.report, port=args.port, open_browser=not args.no_browser)
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------------------
 
 
@@ -146,6 +215,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     # -- further commands are registered below this line (generate, bench, report, ...) --
+
+    p = sub.add_parser("generate", help="generate a beamlet dataset with an engine (analytic or MCsquare)",
+                       description="Generate beamlets (geometry + dose) from phantoms or real CT along random beam "
+                       "directions. Deterministic for a seed; parallel on Ray (--workers, --ray-address); finished "
+                       "beamlets are saved as they finish and --resume completes an interrupted run.")
+    p.add_argument("--engine", default="analytic", help="analytic or mcsquare (default analytic)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--phantom", help="phantom kind(s), comma-separated: water, slab, heterogeneous, lung, bone")
+    src.add_argument("--ct", help="'all' (every CT in ../shared/data/ct or $DOTA_CT_DIR), or CT paths, comma-separated")
+    en = p.add_mutually_exclusive_group(required=True)
+    en.add_argument("--energies", help="comma-separated energies in MeV, cycled over the beamlets")
+    en.add_argument("--energy-range", help="LO:HI in MeV, sampled uniformly per beamlet")
+    p.add_argument("-n", "--num-beamlets", type=int, help="number of beamlets (default: one per listed energy)")
+    p.add_argument("--primaries", type=int, help="protons per beamlet (mcsquare; default 1e5)")
+    p.add_argument("--threads", type=int, help="MCsquare threads per beamlet (default 1: bit-reproducible)")
+    p.add_argument("--workers", type=int, default=1, help="local Ray workers (default 1: in this process)")
+    p.add_argument("--ray-address", help="address of an existing Ray cluster, e.g. auto or ray://host:10001")
+    p.add_argument("--group-size", type=int, help="beamlets per task (default 1 for mcsquare, 16 otherwise)")
+    p.add_argument("--resume", action="store_true", help="complete an interrupted run (same arguments)")
+    p.add_argument("--out", type=Path, required=True, help="output HDF5 file")
+    _add_common(p, device=False)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("mcsquare", help="install or locate the MCsquare Monte Carlo engine",
+                       description="Install MCsquare from the PyPI wheel opentps-core==2.0.0 (Apache-2.0) into "
+                       "$DOTA_CACHE/mcsquare (default ~/.cache/dota/mcsquare), or show where it is.")
+    p.add_argument("action", choices=["install", "where"])
+    p.add_argument("--force", action="store_true", help="reinstall even when installed")
+    p.add_argument("--cache-dir", type=Path, help="install folder")
+    p.set_defaults(func=cmd_mcsquare)
+
+    p = sub.add_parser("bench", help="benchmark the inference engine against the plain full pass",
+                       description="Time the exact caching inference engine against the model's plain full forward "
+                       "pass on single beamlets, an energy sweep, a spot map (plan), requests sharing leading slices "
+                       "(prefix) and batch sizes 1-32, interleaved; check that every computed slice matches. Writes "
+                       "bench.json, bench.md and PNG plots to --out.")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="results folder (default runs/bench)")
+    p.add_argument("--model", default="paper", help="preset name (random weights) or checkpoint path (default paper)")
+    p.add_argument("--quick", action="store_true", help="small scenarios (under 2 minutes; for CI)")
+    p.add_argument("--scenarios", help="comma-separated subset of: single, energy_sweep, plan, prefix, batch")
+    p.add_argument("--threads", type=int, help="torch threads (default: one per available core)")
+    p.add_argument("--batch-size", type=int, default=8, help="batch of the plain pass (default 8)")
+    p.add_argument("--bf16", action="store_true", help="engine in bf16 autocast (not exact; error reported)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the engine's encoder and decoder")
+    _add_common(p, device=False)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="write the results report (one offline HTML page) from train/evaluate/bench outputs",
+                       description="Build one self-contained HTML report (plus its PNG images) from the folders "
+                       "written by dota train, evaluate, bench and demo: dose maps with a depth slider, gamma and "
+                       "error statistics beside the paper's, speed-ups, training curves, versions and commands. "
+                       "Missing inputs are noted in the page.")
+    p.add_argument("inputs", nargs="*", type=Path,
+                   help="demo folder (its train/, evaluate*/, bench/ are found) or run/evaluation/bench folders")
+    p.add_argument("--train", type=Path, action="append", help="training run folder (repeatable)")
+    p.add_argument("--evaluate", type=Path, action="append", help="evaluation folder (repeatable)")
+    p.add_argument("--bench", type=Path, action="append", help="benchmark folder with bench.json (repeatable)")
+    p.add_argument("--out", type=Path, help="report folder (default: INPUT/report for one input folder, else ./report)")
+    p.add_argument("--worst-k", type=int, default=10, help="rows in the worst-beamlet tables (default 10)")
+    p.add_argument("--no-analytic", action="store_true", help="do not add the analytic engine's dose to the profiles")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("view", help="open a report in the browser, or serve it on localhost",
+                       description="Open REPORT (a report folder, its index.html, or a folder holding report/) in "
+                       "the default browser; with --port or --no-browser, serve it on 127.0.0.1 and print the URL.")
+    p.add_argument("report", nargs="?", type=Path, default=Path("."), help="report folder or index.html (default .)")
+    p.add_argument("--port", type=int, help="serve on this port (0: any free port)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser; serve and print the URL")
+    p.set_defaults(func=cmd_view)
 
     return parser
 

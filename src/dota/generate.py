@@ -1,0 +1,494 @@
+"""Generate beamlet datasets with any dose engine: deterministic, parallel and resumable.
+
+Every beamlet is fixed in advance by the master seed (its energy, geometry source and a seed of its own),
+so the same call gives the same file whether it runs serially, on Ray workers, or is killed and resumed.
+Work is done in groups of beamlets; each finished group is written atomically to a parts folder next to
+the output (``OUT.h5.parts/``), a resumed run skips the groups found there, and the parts are merged in
+beamlet order into the HDF5 file at the end (atomically as well), after which the folder is removed.
+
+Example::
+
+    generate_dataset("water.h5", engine="analytic", phantom="water", energies=[70, 100, 150, 200, 225])
+    generate_dataset("mc.h5", engine="mcsquare", engine_kwargs={"primaries": 10_000}, n_beamlets=200,
+                     energy_range_mev=(70, 220), ct="all", workers=2, resume=True)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dota.constants import BLOCK_SHAPE, HU_CLIP, VOXEL_MM
+from dota.errors import DataFileError, InputError
+
+logger = logging.getLogger(__name__)
+
+_PARTS_SUFFIX = ".parts"
+_MANIFEST = "manifest.json"
+#: Beamlets per task when none is given: one MC run is seconds, an analytic beamlet milliseconds.
+_DEFAULT_GROUP_SIZE = {"mcsquare": 1}
+_DEFAULT_GROUP_SIZE_OTHER = 16
+
+
+@dataclass(frozen=True)
+class BeamletSpec:
+    """One beamlet to generate, fully determined by the master seed and its index."""
+
+    index: int
+    energy_mev: float
+    source: str  # "phantom:<kind>" or "ct:<path>"
+    master_seed: int
+
+    def rng(self, stream: int) -> np.random.Generator:
+        """Independent random stream ``stream`` of this beamlet (0: geometry)."""
+        return np.random.default_rng(np.random.SeedSequence(self.master_seed, spawn_key=(self.index, stream)))
+
+    @property
+    def seed(self) -> int:
+        """The engine's seed for this beamlet (e.g. MCsquare's RNG_Seed), in 1 .. 2**31 - 1."""
+        state = np.random.SeedSequence(self.master_seed, spawn_key=(self.index, 1)).generate_state(1)[0]
+        return int(state % (2**31 - 2)) + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources and specs
+
+
+def default_ct_root() -> Path:
+    """``$DOTA_CT_DIR``, else ``shared/data/ct`` beside the repository (or the working directory)."""
+    if os.environ.get("DOTA_CT_DIR"):
+        return Path(os.environ["DOTA_CT_DIR"]).expanduser()
+    candidates = [Path.cwd().parent / "shared" / "data" / "ct",
+                  Path(__file__).resolve().parents[3] / "shared" / "data" / "ct"]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    raise DataFileError("no CT folder found: set DOTA_CT_DIR or pass CT paths explicitly")
+
+
+def resolve_sources(phantom: str | Sequence[str] | None = None,
+                    ct: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> list[str]:
+    """Geometry sources as strings ``phantom:<kind>`` / ``ct:<path>``.
+
+    ``phantom`` is a kind of :data:`dota.physics.PHANTOM_KINDS` (or several, or a comma-separated list);
+    ``ct`` is ``"all"`` (every CT under :func:`default_ct_root`), a CT file, a DICOM folder, a folder
+    holding several CTs, or a list of those.
+    """
+    sources: list[str] = []
+    if phantom is not None:
+        from dota.physics import PHANTOM_KINDS
+
+        kinds = phantom.split(",") if isinstance(phantom, str) else list(phantom)
+        for kind in (k.strip() for k in kinds):
+            if kind not in PHANTOM_KINDS:
+                raise InputError(f"unknown phantom kind {kind!r}; choose from {', '.join(PHANTOM_KINDS)}")
+            sources.append(f"phantom:{kind}")
+    if ct is not None:
+        from dota.data.ct import find_ct_sources
+
+        items = [ct] if isinstance(ct, (str, os.PathLike)) else list(ct)
+        for item in items:
+            if str(item) == "all":
+                paths = find_ct_sources(default_ct_root())
+            else:
+                path = Path(item).expanduser()
+                if not path.exists():
+                    raise InputError(f"no CT at {path}")
+                is_dicom_dir = path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
+                paths = find_ct_sources(path) if path.is_dir() and not is_dicom_dir else [path]
+            if not paths:
+                raise InputError(f"no CT found in {item}")
+            sources.extend(f"ct:{p.resolve()}" for p in paths)
+    if not sources:
+        raise InputError("give a geometry source: a phantom kind or CT data")
+    return sources
+
+
+def make_specs(n_beamlets: int | None, sources: Sequence[str], seed: int, *,
+               energies: Sequence[float] | None = None,
+               energy_range_mev: tuple[float, float] | None = None) -> list[BeamletSpec]:
+    """The beamlets of a run, in order. Depends only on the arguments (never on workers or timing).
+
+    Listed ``energies`` are cycled (every source gets every energy in turn); an ``energy_range_mev`` is
+    sampled uniformly per beamlet. Without ``n_beamlets``, one beamlet per listed energy and source.
+    """
+    if (energies is None) == (energy_range_mev is None):
+        raise InputError("give either a list of energies or an energy range")
+    if energies is not None:
+        energies = [float(e) for e in energies]
+        if not energies:
+            raise InputError("the list of energies is empty")
+        if n_beamlets is None:
+            n_beamlets = len(energies) * len(sources)
+    else:
+        lo, hi = (float(v) for v in energy_range_mev)  # type: ignore[union-attr]
+        if not lo <= hi:
+            raise InputError(f"energy range {lo:g}:{hi:g} MeV is empty")
+        if n_beamlets is None:
+            raise InputError("an energy range needs a number of beamlets")
+    if int(n_beamlets) < 1:
+        raise InputError(f"number of beamlets must be positive, got {n_beamlets}")
+    specs = []
+    for i in range(int(n_beamlets)):
+        if energies is not None:
+            energy = energies[i % len(energies)]
+            source = sources[(i // len(energies)) % len(sources)]
+        else:
+            energy = float(np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i, 2))).uniform(lo, hi))
+            energy = round(energy, 3)
+            source = sources[i % len(sources)]
+        specs.append(BeamletSpec(index=i, energy_mev=energy, source=source, master_seed=int(seed)))
+    return specs
+
+
+# --------------------------------------------------------------------------------------------------
+# Work done per group (in-process or on a Ray worker)
+
+
+@functools.lru_cache(maxsize=16)
+def _ct(path: str) -> tuple[Any, np.ndarray]:
+    from dota.data.ct import body_mask, read_ct
+
+    volume = read_ct(path)
+    return volume, body_mask(volume)
+
+
+def build_geometry(spec: BeamletSpec, block_shape: tuple[int, int, int] = BLOCK_SHAPE,
+                   voxel_mm: tuple[float, float, float] = VOXEL_MM) -> tuple[np.ndarray, dict[str, Any]]:
+    """The block (int16 HU, clipped to the HU range engines use) of ``spec`` and its metadata."""
+    rng = spec.rng(0)
+    kind, _, name = spec.source.partition(":")
+    if kind == "phantom":
+        from dota.physics import make_phantom
+
+        block = make_phantom(name, rng, block_shape, voxel_mm)
+        meta = {"source": spec.source, "gantry_deg": 0.0, "couch_deg": 0.0, "spot_offset_mm": (0.0, 0.0)}
+    elif kind == "ct":
+        from dota.data.ct import extract_bev_block, sample_beamlet_pose
+
+        volume, mask = _ct(name)
+        pose = sample_beamlet_pose(volume, rng, mask=mask)
+        block = extract_bev_block(volume.hu, volume.spacing_mm, pose.entry_point_mm, pose.gantry_deg,
+                                  pose.couch_deg, pose.offset_mm, block_shape, voxel_mm)
+        meta = {"source": f"ct:{volume.name}", "gantry_deg": pose.gantry_deg, "couch_deg": pose.couch_deg,
+                "spot_offset_mm": pose.offset_mm}
+    else:
+        raise InputError(f"unknown geometry source {spec.source!r}")
+    return np.rint(np.clip(block, *HU_CLIP)).astype(np.int16), meta
+
+
+@functools.lru_cache(maxsize=4)
+def _engine(name: str, kwargs_json: str) -> Any:
+    from dota.engines import get_engine
+
+    kwargs = json.loads(kwargs_json)
+    try:
+        return get_engine(name, **kwargs)
+    except TypeError as exc:  # a parameter this engine does not take
+        raise InputError(f"the {name} engine does not accept the parameters {sorted(kwargs)}: {exc}") from None
+
+
+def run_group(specs: Sequence[BeamletSpec], engine: str, engine_kwargs_json: str,
+              block_shape: tuple[int, int, int], voxel_mm: tuple[float, float, float]) -> dict[str, np.ndarray]:
+    """Geometry and dose of a group of beamlets, as the arrays of one part file."""
+    from dota.data.ct import geometry_sha256
+
+    eng = _engine(engine, engine_kwargs_json)
+    blocks, metas = zip(*(build_geometry(s, block_shape, voxel_mm) for s in specs), strict=True)
+    geometry = np.stack(blocks)
+    energy = np.array([s.energy_mev for s in specs], dtype=np.float32)
+    seeds = np.array([s.seed for s in specs], dtype=np.int64)
+    if getattr(eng, "accepts_seeds", False):
+        dose = eng.dose(geometry, energy, voxel_mm, seeds=seeds.tolist())
+    else:
+        dose = eng.dose(geometry, energy, voxel_mm)
+    return {
+        "index": np.array([s.index for s in specs], dtype=np.int64),
+        "geometry": geometry,
+        "dose": np.asarray(dose, dtype=np.float32),
+        "energy": energy,
+        "seed": seeds,
+        "source": np.array([m["source"] for m in metas]),
+        "gantry_deg": np.array([m["gantry_deg"] for m in metas], dtype=np.float32),
+        "couch_deg": np.array([m["couch_deg"] for m in metas], dtype=np.float32),
+        "spot_offset_mm": np.array([m["spot_offset_mm"] for m in metas], dtype=np.float32).reshape(-1, 2),
+        "sha256": np.array([geometry_sha256(b) for b in geometry]),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Parts folder
+
+
+def parts_dir_for(out_path: str | os.PathLike) -> Path:
+    out = Path(out_path)
+    return out.with_name(out.name + _PARTS_SUFFIX)
+
+
+def _part_path(parts: Path, group: int) -> Path:
+    return parts / f"group_{group:06d}.npz"
+
+
+def _write_part(parts: Path, group: int, arrays: dict[str, np.ndarray]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=parts, prefix=f".group_{group:06d}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, _part_path(parts, group))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_part(parts: Path, group: int, expected_index: np.ndarray) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(_part_path(parts, group), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+    if not np.array_equal(arrays.get("index"), expected_index):
+        return None
+    return arrays
+
+
+def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
+    path = parts / _MANIFEST
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise DataFileError(f"{parts} has no readable {_MANIFEST}: delete the folder to start over") from None
+    differing = sorted(k for k in set(found) | set(manifest) if found.get(k) != manifest.get(k))
+    if differing:
+        raise InputError(f"{parts} was started with different settings ({', '.join(differing)}); "
+                         "use the same arguments to resume, or delete the folder to start over")
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver
+
+
+def generate_dataset(
+    out_path: str | os.PathLike,
+    *,
+    engine: str = "analytic",
+    engine_kwargs: dict[str, Any] | None = None,
+    n_beamlets: int | None = None,
+    energies: Sequence[float] | None = None,
+    energy_range_mev: tuple[float, float] | None = None,
+    phantom: str | Sequence[str] | None = None,
+    ct: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    workers: int = 1,
+    ray_address: str | None = None,
+    group_size: int | None = None,
+    block_shape: tuple[int, int, int] = BLOCK_SHAPE,
+    voxel_mm: tuple[float, float, float] = VOXEL_MM,
+    progress: bool = True,
+    keep_parts: bool = False,
+    on_group_done: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Generate a beamlet dataset (``dataset-format.md``) and return its path.
+
+    Parameters
+    ----------
+    out_path
+        The HDF5 file to write. Finished groups go to ``out_path + ".parts/"`` until the final merge.
+    engine, engine_kwargs
+        A registered engine (``"analytic"``, ``"mcsquare"``) and its constructor arguments, e.g.
+        ``{"primaries": 10_000}`` for MCsquare (each beamlet gets its own MC seed from the master seed).
+    n_beamlets, energies, energy_range_mev, phantom, ct, seed
+        What to generate; see :func:`make_specs` and :func:`resolve_sources`.
+    resume
+        Continue a run whose parts folder exists (same arguments required); without it, an existing
+        parts folder or output file is an error.
+    workers, ray_address
+        ``workers > 1`` runs groups on a local Ray instance with that many CPUs; ``ray_address`` joins
+        an existing Ray cluster. With neither, groups run serially in this process.
+    group_size
+        Beamlets per task (default 1 for MCsquare, 16 otherwise). Part of the run's identity.
+    on_group_done
+        Called as ``on_group_done(done_beamlets, total)`` after each group is saved (tests use it to
+        interrupt a run).
+    """
+    out = Path(out_path)
+    engine_kwargs = dict(engine_kwargs or {})
+    sources = resolve_sources(phantom, ct)
+    specs = make_specs(n_beamlets, sources, seed, energies=energies, energy_range_mev=energy_range_mev)
+    if group_size is None:
+        group_size = _DEFAULT_GROUP_SIZE.get(engine, _DEFAULT_GROUP_SIZE_OTHER)
+    if int(group_size) < 1:
+        raise InputError(f"group_size must be positive, got {group_size}")
+    if int(workers) < 1:
+        raise InputError(f"workers must be positive, got {workers}")
+    groups = [specs[i : i + group_size] for i in range(0, len(specs), group_size)]
+
+    eng = _engine(engine, json.dumps(engine_kwargs, sort_keys=True))
+    lo, hi = eng.energy_range_mev
+    bad = [s.energy_mev for s in specs if not lo - 1e-3 <= s.energy_mev <= hi + 1e-3]
+    if bad:
+        raise InputError(f"energy {bad[0]:g} MeV is outside the range {lo:g}-{hi:g} MeV of the {engine} engine")
+    manifest = {
+        "format": 1,
+        "engine": engine,
+        "engine_kwargs": engine_kwargs,
+        "n_beamlets": len(specs),
+        "energies": None if energies is None else [float(e) for e in energies],
+        "energy_range_mev": None if energy_range_mev is None else [float(v) for v in energy_range_mev],
+        "sources": sources,
+        "seed": int(seed),
+        "group_size": int(group_size),
+        "block_shape": [int(v) for v in block_shape],
+        "voxel_mm": [float(v) for v in voxel_mm],
+    }
+
+    parts = parts_dir_for(out)
+    if parts.exists():
+        if not resume:
+            raise InputError(f"{parts} holds an unfinished run: pass resume=True (--resume) to continue it")
+        _check_manifest(parts, manifest)
+    else:
+        if out.exists():
+            if resume and _same_run(out, manifest):
+                logger.info("%s is already complete", out)
+                return out
+            raise InputError(f"{out} exists: delete it or choose another output path")
+        parts.mkdir(parents=True)
+        _write_json_atomic(parts / _MANIFEST, manifest)
+
+    todo = [g for g, grp in enumerate(groups)
+            if _read_part(parts, g, np.array([s.index for s in grp])) is None]
+    done = len(specs) - sum(len(groups[g]) for g in todo)
+    args = (engine, json.dumps(engine_kwargs, sort_keys=True), tuple(block_shape), tuple(voxel_mm))
+
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(specs), initial=done, unit="beamlet", disable=not progress, smoothing=0.05,
+              desc=f"{engine} -> {out.name}") as bar:
+
+        def finished(group: int, arrays: dict[str, np.ndarray]) -> None:
+            nonlocal done
+            _write_part(parts, group, arrays)
+            done += len(groups[group])
+            bar.update(len(groups[group]))
+            if on_group_done is not None:
+                on_group_done(done, len(specs))
+
+        if todo and (workers > 1 or ray_address):
+            _run_on_ray(groups, todo, args, workers, ray_address, finished,
+                        cpus_per_task=int(engine_kwargs.get("threads", 1)))
+        else:
+            for g in todo:
+                finished(g, run_group(groups[g], *args))
+
+    _merge(out, parts, groups, eng.file_attrs(), manifest, voxel_mm)
+    if not keep_parts:
+        shutil.rmtree(parts, ignore_errors=True)
+    return out
+
+
+def _run_on_ray(groups: list[list[BeamletSpec]], todo: list[int], args: tuple, workers: int,
+                ray_address: str | None, finished: Callable[[int, dict[str, np.ndarray]], None],
+                cpus_per_task: int) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise InputError("parallel generation needs Ray: pip install 'dota-dose[ray]'") from None
+    started = False
+    if not ray.is_initialized():
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=int(workers), include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
+        started = True
+    try:
+        task = ray.remote(num_cpus=cpus_per_task, max_retries=2)(run_group)
+        capacity = max(1, int(ray.cluster_resources().get("CPU", workers)) // cpus_per_task)
+        window = 2 * capacity
+        queue = list(todo)
+        pending: dict[Any, int] = {}
+        while queue or pending:
+            while queue and len(pending) < window:
+                g = queue.pop(0)
+                pending[task.remote(groups[g], *args)] = g
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                g = pending.pop(ref)
+                finished(g, ray.get(ref))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _merge(out: Path, parts: Path, groups: list[list[BeamletSpec]], attrs: dict[str, Any],
+           manifest: dict[str, Any], voxel_mm: tuple[float, float, float]) -> None:
+    from dota.data.hdf5 import write_dataset
+
+    loaded = []
+    for g, grp in enumerate(groups):
+        arrays = _read_part(parts, g, np.array([s.index for s in grp]))
+        if arrays is None:
+            raise DataFileError(f"part {g} of {parts} is missing or unreadable; run again with --resume")
+        loaded.append(arrays)
+    cat = {k: np.concatenate([a[k] for a in loaded]) for k in loaded[0]}
+    meta = {k: cat[k] for k in ("seed", "source", "gantry_deg", "couch_deg", "spot_offset_mm", "sha256")}
+    write_dataset(out, cat["geometry"], cat["dose"], cat["energy"], voxel_mm=voxel_mm,
+                  attrs={**attrs, "generation": manifest}, meta=meta)
+
+
+def _same_run(out: Path, manifest: dict[str, Any]) -> bool:
+    from dota.data.hdf5 import BeamletFile
+
+    try:
+        with BeamletFile(out) as f:
+            return f.attrs.get("generation") == json.loads(json.dumps(manifest))
+    except DataFileError:
+        return False
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def parse_energies(text: str) -> list[float]:
+    """``"70,100,150"`` -> [70.0, 100.0, 150.0]."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"energies must be comma-separated numbers in MeV, got {text!r}") from None
+
+
+def parse_energy_range(text: str) -> tuple[float, float]:
+    """``"70:220"`` -> (70.0, 220.0)."""
+    try:
+        lo, hi = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise InputError(f"energy range must look like 70:220 (MeV), got {text!r}") from None
+    return lo, hi
+
+
+__all__ = [
+    "BeamletSpec",
+    "build_geometry",
+    "generate_dataset",
+    "make_specs",
+    "parse_energies",
+    "parse_energy_range",
+    "resolve_sources",
+    "run_group",
+]

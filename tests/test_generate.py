@@ -1,0 +1,180 @@
+"""Dataset generation: determinism, atomic parts, kill-and-resume, Ray, CT sources, MCsquare."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dota.data.hdf5 import BeamletFile, read_dataset
+from dota.errors import InputError
+from dota.generate import generate_dataset, make_specs, parts_dir_for, resolve_sources
+
+SMALL = {"block_shape": (40, 8, 8), "voxel_mm": (2.0, 2.0, 2.0), "progress": False}
+RUN = {"engine": "analytic", "n_beamlets": 7, "energy_range_mev": (70.0, 120.0), "phantom": "heterogeneous",
+       "seed": 5, "group_size": 2, **SMALL}
+
+
+def _assert_same(a_path: Path, b_path: Path) -> None:
+    a, b = read_dataset(a_path), read_dataset(b_path)
+    np.testing.assert_array_equal(a.geometry, b.geometry)
+    np.testing.assert_array_equal(a.dose, b.dose)
+    np.testing.assert_array_equal(a.energy, b.energy)
+    assert a.meta.keys() == b.meta.keys()
+    for k in a.meta:
+        np.testing.assert_array_equal(a.meta[k], b.meta[k])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_specs_depend_only_on_the_seed() -> None:
+    sources = ["phantom:water", "phantom:slab"]
+    a = make_specs(6, sources, 3, energy_range_mev=(70, 220))
+    assert a == make_specs(6, sources, 3, energy_range_mev=(70, 220))
+    assert a[:4] == make_specs(4, sources, 3, energy_range_mev=(70, 220))  # a prefix does not change
+    assert a != make_specs(6, sources, 4, energy_range_mev=(70, 220))
+    assert all(70 <= s.energy_mev <= 220 for s in a) and len({s.seed for s in a}) == 6
+    listed = make_specs(None, sources, 0, energies=[70, 150])
+    assert [(s.energy_mev, s.source) for s in listed] == [
+        (70.0, "phantom:water"), (150.0, "phantom:water"), (70.0, "phantom:slab"), (150.0, "phantom:slab")]
+    with pytest.raises(InputError, match="either"):
+        make_specs(3, sources, 0)
+    with pytest.raises(InputError, match="number of beamlets"):
+        make_specs(None, sources, 0, energy_range_mev=(70, 80))
+    with pytest.raises(InputError, match="phantom kind"):
+        resolve_sources("marble")
+
+
+def test_cli_acceptance_command(tmp_path: Path) -> None:
+    from dota.cli import main
+
+    out = tmp_path / "F.h5"
+    code = main(["generate", "--engine", "analytic", "--phantom", "water", "--energies", "70,100,150,200,225",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    with BeamletFile(out) as f:
+        assert len(f) == 5 and f.block_shape == (150, 24, 24)
+        np.testing.assert_array_equal(f.energy, [70, 100, 150, 200, 225])
+        assert f.attrs["engine"] == "analytic" and f.attrs["generation"]["seed"] == 0
+        meta = f.meta
+        assert set(meta) >= {"seed", "source", "gantry_deg", "couch_deg", "spot_offset_mm", "sha256"}
+        assert list(meta["source"]) == ["phantom:water"] * 5
+        peaks = [int(np.argmax(f.dose[i].sum(axis=(1, 2)))) for i in range(5)]
+    assert peaks == sorted(peaks) and peaks[0] < peaks[-1]
+    assert not parts_dir_for(out).exists()
+    assert main(["generate", "--phantom", "water", "--energies", "70", "--out", str(out)]) == 2  # exists
+
+
+def test_interrupted_run_resumes_to_the_same_file(tmp_path: Path) -> None:
+    full = generate_dataset(tmp_path / "full.h5", **RUN)
+
+    def stop_after_two_groups(done: int, total: int) -> None:
+        if done >= 4:
+            raise Interrupt
+
+    out = tmp_path / "part.h5"
+    with pytest.raises(Interrupt):
+        generate_dataset(out, on_group_done=stop_after_two_groups, **RUN)
+    parts = parts_dir_for(out)
+    assert sorted(p.name for p in parts.glob("group_*.npz")) == ["group_000000.npz", "group_000001.npz"]
+    assert not out.exists() and not list(parts.glob("*.tmp"))
+    with pytest.raises(InputError, match="resume"):
+        generate_dataset(out, **RUN)
+
+    seen: list[int] = []
+    generate_dataset(out, resume=True, on_group_done=lambda done, total: seen.append(done), **RUN)
+    assert seen == [6, 7]  # only the two missing groups ran (4 beamlets were already saved)
+    assert len(read_dataset(out)) == 7 and not parts.exists()
+    _assert_same(full, out)
+    # Resuming a finished run is a no-op; other settings are refused.
+    assert generate_dataset(out, resume=True, **RUN) == out
+    with pytest.raises(InputError, match="exists"):
+        generate_dataset(out, resume=True, **{**RUN, "seed": 6})
+
+
+def test_resume_refuses_other_settings(tmp_path: Path) -> None:
+    out = tmp_path / "x.h5"
+    with pytest.raises(Interrupt):
+        generate_dataset(out, on_group_done=lambda d, t: (_ for _ in ()).throw(Interrupt()), **RUN)
+    with pytest.raises(InputError, match="different settings.*seed"):
+        generate_dataset(out, resume=True, **{**RUN, "seed": 99})
+
+
+def test_sigkilled_run_resumes_to_the_same_file(tmp_path: Path) -> None:
+    """A process killed with SIGKILL mid-run leaves only whole parts; --resume completes the same file."""
+    out = tmp_path / "killed.h5"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from dota.generate import generate_dataset
+        def kill(done, total):
+            if done >= 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        generate_dataset({str(out)!r}, on_group_done=kill, **{RUN!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not out.exists() and len(list(parts_dir_for(out).glob("group_*.npz"))) == 1
+    generate_dataset(out, resume=True, **RUN)
+    _assert_same(generate_dataset(tmp_path / "ref.h5", **RUN), out)
+
+
+@pytest.mark.slow
+def test_ray_with_two_workers_matches_serial(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    serial = generate_dataset(tmp_path / "serial.h5", **RUN)
+    parallel = generate_dataset(tmp_path / "ray.h5", workers=2, **RUN)
+    _assert_same(serial, parallel)
+
+
+def test_ct_source_records_beam_metadata(tmp_path: Path) -> None:
+    nib = pytest.importorskip("nibabel")
+    z, y, x = np.meshgrid(np.arange(40), np.arange(60), np.arange(60), indexing="ij")
+    hu = np.where((y - 30) ** 2 + (x - 30) ** 2 < 25**2, 20.0, -1000.0).astype(np.int16)
+    nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0), np.diag([2.0, 2.0, 2.5, 1.0])), tmp_path / "body.nii.gz")
+    out = generate_dataset(tmp_path / "ct.h5", engine="analytic", n_beamlets=4, energies=[100.0],
+                           ct=tmp_path / "body.nii.gz", seed=1, **SMALL)
+    data = read_dataset(out)
+    from dota.data.ct import geometry_sha256
+
+    assert list(data.meta["source"]) == ["ct:" + tmp_path.name + "/body.nii.gz"] * 4
+    assert len(set(data.meta["gantry_deg"].tolist())) == 4
+    assert data.meta["spot_offset_mm"].shape == (4, 2)
+    assert [geometry_sha256(g) for g in data.geometry] == list(data.meta["sha256"])
+    assert np.all((data.geometry > -400).sum(axis=1)[:, 3:5, 3:5].max(axis=(1, 2)) >= 10)  # beams hit the body
+
+
+@pytest.mark.mc
+def test_mcsquare_generation_is_reproducible(tmp_path: Path) -> None:
+    from dota.engines.mcsquare import find_mcsquare
+    from dota.errors import EngineUnavailableError
+
+    try:
+        find_mcsquare()
+    except EngineUnavailableError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("MCsquare not installed")
+    run = {"engine": "mcsquare", "engine_kwargs": {"primaries": 3000}, "n_beamlets": 2, "energies": [80.0, 110.0],
+           "phantom": "slab", "seed": 2, **SMALL}
+    a = generate_dataset(tmp_path / "a.h5", **run)
+    b = generate_dataset(tmp_path / "b.h5", group_size=2, **run)  # grouping changes nothing
+    _assert_same(a, b)
+    with BeamletFile(a) as f:
+        assert f.attrs["engine"] == "mcsquare" and f.attrs["primaries"] == 3000
+        assert f.dose[0].max() > 0
+
+
+def test_bad_engine_parameters_are_refused_before_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "x.h5"
+    with pytest.raises(InputError, match="does not accept"):
+        generate_dataset(out, **{**RUN, "engine_kwargs": {"primaries": 10}})
+    with pytest.raises(InputError, match="outside the range"):
+        generate_dataset(out, **{**RUN, "energy_range_mev": (20.0, 30.0)})
+    assert not parts_dir_for(out).exists() and not out.exists()
