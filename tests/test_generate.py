@@ -178,3 +178,31 @@ def test_bad_engine_parameters_are_refused_before_any_work(tmp_path: Path) -> No
     with pytest.raises(InputError, match="outside the range"):
         generate_dataset(out, **{**RUN, "energy_range_mev": (20.0, 30.0)})
     assert not parts_dir_for(out).exists() and not out.exists()
+
+
+def test_issue_acceptance_water_r80_matches_pstar(tmp_path, caplog):
+    """`dota generate --engine analytic --phantom water --energies 70,100,150,200,225`: R80 of the
+    laterally integrated depth dose within max(1 mm, 1 %) of PSTAR; 225 MeV (317 mm) needs a deeper block (164 slices),
+    and the command says so."""
+    import logging
+
+    from dota.cli import main
+    from dota.data import read_dataset
+    from dota.evaluation.metrics import distal_range_mm
+    from dota.physics import csda_range_mm
+
+    out = tmp_path / "F.h5"
+    with caplog.at_level(logging.WARNING):
+        assert main(["generate", "--engine", "analytic", "--phantom", "water", "--energies", "70,100,150,200,225",
+                     "--out", str(out), "--no-progress"]) == 0
+    assert "--block-shape 164x24x24" in caplog.text and "225 MeV" in caplog.text
+    data = read_dataset(out)
+    assert data.attrs["engine"] == "analytic" and data.dose.shape == (5, 150, 24, 24)
+    for dose, e in zip(data.dose[:4], data.energy[:4]):
+        r80, ref = distal_range_mm(dose), float(csda_range_mm(e))
+        assert abs(r80 - ref) <= max(1.0, 0.01 * ref), (e, r80, ref)
+    deep = tmp_path / "F225.h5"
+    assert main(["generate", "--engine", "analytic", "--phantom", "water", "--energies", "225", "--block-shape",
+                 "170x24x24", "--out", str(deep), "--no-progress"]) == 0
+    r80 = distal_range_mm(read_dataset(deep).dose[0])
+    assert abs(r80 - float(csda_range_mm(225.0))) <= 0.01 * float(csda_range_mm(225.0))

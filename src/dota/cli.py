@@ -8,14 +8,18 @@ import logging
 import sys
 from pathlib import Path
 
+from dota.constants import BLOCK_SHAPE
 from dota.errors import DotaError
 
 
-def _energies(text: str) -> list[float]:
+def _block_shape(text: str) -> tuple[int, int, int]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        shape = tuple(int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"energies must be comma-separated numbers in MeV, got {text!r}") from None
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"block shape must look like 150x24x24, got {text!r}")
+    return shape
 
 
 def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
@@ -85,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         energy_range_mev=parse_energy_range(args.energy_range) if args.energy_range else None,
         phantom=args.phantom, ct=args.ct.split(",") if args.ct else None, seed=args.seed,
         resume=args.resume, workers=args.workers, ray_address=args.ray_address, group_size=args.group_size,
-        progress=not args.no_progress,
+        block_shape=args.block_shape, progress=not args.no_progress,
     )
     print(f"dataset written to {out}")
     return 0
@@ -233,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="local Ray workers (default 1: in this process)")
     p.add_argument("--ray-address", help="address of an existing Ray cluster, e.g. auto or ray://host:10001")
     p.add_argument("--group-size", type=int, help="beamlets per task (default 1 for mcsquare, 16 otherwise)")
+    p.add_argument("--block-shape", type=_block_shape, default=BLOCK_SHAPE,
+                   help="block LxHxW voxels of 2 mm (default 150x24x24; 225 MeV in water needs 164 slices)")
     p.add_argument("--resume", action="store_true", help="complete an interrupted run (same arguments)")
     p.add_argument("--out", type=Path, required=True, help="output HDF5 file")
     _add_common(p, device=False)

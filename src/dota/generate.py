@@ -447,6 +447,27 @@ def _merge(out: Path, parts: Path, groups: list[list[BeamletSpec]], attrs: dict[
     meta = {k: cat[k] for k in ("seed", "source", "gantry_deg", "couch_deg", "spot_offset_mm", "sha256")}
     write_dataset(out, cat["geometry"], cat["dose"], cat["energy"], voxel_mm=voxel_mm,
                   attrs={**attrs, "generation": manifest}, meta=meta)
+    warn_beams_leaving_block(cat["dose"], cat["energy"], voxel_mm)
+
+
+def warn_beams_leaving_block(dose: np.ndarray, energy: np.ndarray, voxel_mm: tuple[float, float, float],
+                             fraction: float = 0.01) -> int:
+    """Log a warning for beamlets that still carry dose in the last slice (more than ``fraction`` of
+    their maximum): their Bragg peak lies beyond the block. Returns how many there are."""
+    last = dose[:, -1].reshape(len(dose), -1).max(axis=1)
+    peak = dose.reshape(len(dose), -1).max(axis=1)
+    leaving = np.flatnonzero(last > fraction * np.maximum(peak, 1e-30))
+    if leaving.size:
+        from dota.physics import csda_range_mm
+
+        worst = leaving[np.argmax(energy[leaving])]
+        needed = int(np.ceil((float(csda_range_mm(energy[worst])) + 10.0) / voxel_mm[0]))
+        logger.warning(
+            "%d beamlet(s) leave the %.0f mm deep block before stopping (e.g. #%d at %.0f MeV): their dose "
+            "beyond the block is not recorded; in water that energy needs --block-shape %dx%dx%d or deeper",
+            leaving.size, dose.shape[1] * voxel_mm[0], worst, float(energy[worst]),
+            max(needed, dose.shape[1] + 1), dose.shape[2], dose.shape[3])
+    return int(leaving.size)
 
 
 def _same_run(out: Path, manifest: dict[str, Any]) -> bool:
