@@ -68,7 +68,7 @@ def run_demo(
         say(f"reusing the trained model in {run_dir}")
     else:
         say(f"training the 'small' preset for at most {minutes:g} minutes")
-        cfg = TrainConfig(preset="small", epochs=epochs, batch_size=8, lr=2e-3, lr_halving_epochs=4,
+        cfg = TrainConfig(preset="small", epochs=epochs, batch_size=8, optimizer="adamw", lr=2e-3, lr_halving_epochs=4,
                           seed=seed, device=device, checkpoint_every=25)
         train(out / "data" / "train.h5", run_dir, cfg, resume=(run_dir / "state.pt").is_file(),
               progress=progress, time_budget_s=minutes * 60)

@@ -36,6 +36,7 @@ class DoTAConfig:
     num_blocks: int = 1  # transformer blocks (pre-LN)
     mlp_dims: tuple[int, ...] = (432, 432)  # MLP widths, GELU after each; the last must equal d_model
     num_forward: int = 0  # look-ahead: token i attends to j <= i + num_forward
+    decoder_norm: bool = True  # GroupNorm in the decoder (paper); it removes each slice's dose scale
     dropout: float = 0.2  # dropout in attention and MLP (training only)
     ln_eps: float = 1e-6  # LayerNorm epsilon (Keras default used by the paper)
 
@@ -88,15 +89,18 @@ class DoTAConfig:
 PRESETS: dict[str, DoTAConfig] = {
     # The published model: 12.63 M parameters, 1 block, 16 heads of size 432.
     "paper": DoTAConfig(),
-    # Trains in minutes on 2 CPU cores; same block and token layout, narrower everywhere.
+    # Trains in minutes on 2 CPU cores; same block and token layout, narrower everywhere. No GroupNorm
+    # in the decoder: GroupNorm normalises each dose slice, so the slice's dose level must be coded in
+    # feature patterns; without it the small model found the Bragg peak several times faster
+    # (300 steps: validation MSE 4e-4 vs 1.1e-3; see the README).
     "small": DoTAConfig(
         enc_channels=(16, 16, 4), enc_groups=(4, 4, 2), num_heads=4, head_dim=36, num_blocks=2,
-        mlp_dims=(144, 144), dropout=0.1,
+        mlp_dims=(144, 144), dropout=0.1, decoder_norm=False,
     ),
     # For tests of multi-block models with look-ahead: tiny and fast, num_forward = 2.
     "tiny": DoTAConfig(
         enc_channels=(8, 8, 2), enc_groups=(4, 4, 2), num_heads=2, head_dim=16, num_blocks=2,
-        mlp_dims=(72, 72), num_forward=2, dropout=0.1,
+        mlp_dims=(72, 72), num_forward=2, dropout=0.1, decoder_norm=False,
     ),
 }
 
@@ -167,7 +171,7 @@ class SliceEncoder(nn.Module):
 
 class SliceDecoder(nn.Module):
     """Per-slice decoder: (B*L, d_model) -> (B*L, H, W). Two stride-2 transposed convs with
-    GroupNorm and ReLU, then a conv to one channel (with bias)."""
+    GroupNorm (if ``decoder_norm``) and ReLU, then a conv to one channel (with bias)."""
 
     def __init__(self, cfg: DoTAConfig) -> None:
         super().__init__()
@@ -176,16 +180,17 @@ class SliceDecoder(nn.Module):
         k, p = cfg.kernel_size, cfg.kernel_size // 2
         self.grid = (cfg.block_shape[1] // 4, cfg.block_shape[2] // 4, c3)
         self.up1 = nn.ConvTranspose2d(c3, c2, k, stride=2, padding=p, output_padding=1)
-        self.norm1 = nn.GroupNorm(g2, c2, eps=1e-3)
+        self.norm1 = nn.GroupNorm(g2, c2, eps=1e-3) if cfg.decoder_norm else None
         self.up2 = nn.ConvTranspose2d(c2, c1, k, stride=2, padding=p, output_padding=1)
-        self.norm2 = nn.GroupNorm(g1, c1, eps=1e-3)
+        self.norm2 = nn.GroupNorm(g1, c1, eps=1e-3) if cfg.decoder_norm else None
         self.out = nn.Conv2d(c1, 1, k, padding=p)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h, w, c = self.grid
         x = tokens.reshape(-1, h, w, c).permute(0, 3, 1, 2)
-        x = F.relu(self.norm1(self.up1(x)))
-        x = F.relu(self.norm2(self.up2(x)))
+        for up, norm in ((self.up1, self.norm1), (self.up2, self.norm2)):
+            x = up(x)
+            x = F.relu(x if norm is None else norm(x))
         return self.out(x)[:, 0]
 
 
