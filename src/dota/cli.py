@@ -108,13 +108,16 @@ def cmd_mcsquare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dota.bench import run_benchmark
+    from dota.bench import run_benchmark, set_omp_wait_policy
 
+    if not set_omp_wait_policy(args.omp_wait_policy):  # before torch is imported
+        logging.getLogger("dota").warning("torch already imported: OMP_WAIT_POLICY unchanged")
     scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()] if args.scenarios else None
     words = ["dota bench", f"--out {args.out}", f"--model {args.model}", f"--seed {args.seed}"]
     words += [f"--{k.replace('_', '-')} {v}" for k, v in (("scenarios", args.scenarios), ("threads", args.threads),
                                                            ("batch_size", args.batch_size)) if v is not None]
     words += [f"--{flag}" for flag in ("quick", "bf16", "compile") if getattr(args, flag)]
+    words += [f"--omp-wait-policy {args.omp_wait_policy}"]
     report = run_benchmark(args.out, model=args.model, quick=args.quick, scenarios=scenarios, seed=args.seed,
                            threads=args.threads, progress=not args.no_progress,
                            precision="bf16" if args.bf16 else "fp32", compile=args.compile, batch_size=args.batch_size,
@@ -265,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="batch of the plain pass (default 8)")
     p.add_argument("--bf16", action="store_true", help="engine in bf16 autocast (not exact; error reported)")
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's encoder and decoder")
+    p.add_argument("--omp-wait-policy", choices=["bounded", "passive", "active", "default"], default="bounded",
+                   help="how idle OpenMP threads wait between parallel regions: spin briefly then sleep (bounded, "
+                   "default), sleep (passive), spin (active), or leave the environment alone (default); spinning "
+                   "threads slow everything down on cores shared with other processes")
     _add_common(p, device=False)
     p.set_defaults(func=cmd_bench)
 
