@@ -328,7 +328,8 @@ def _validate(model: DoTA, ds: BeamletDataset, batch: int, device: torch.device,
 
 def validate_cached_path(model: DoTA, ds: BeamletDataset, n: int) -> dict[str, float]:
     """Run the inference engine and the plain full pass on ``n`` validation beamlets; return the
-    largest difference (relative to the plain pass's maximum) and the speed of each."""
+    largest difference over the computed slices and the dose the plain pass puts beyond them (both
+    relative to the beamlet's maximum), the fraction of slices computed, and the speed of each."""
     model.eval()
     items = [ds.raw(i) for i in range(min(n, len(ds)))]
     geometry = np.stack([it[0] for it in items])
@@ -336,6 +337,8 @@ def validate_cached_path(model: DoTA, ds: BeamletDataset, n: int) -> dict[str, f
     check = model.engine.compare_with_full_pass(geometry, energies)
     return {
         "cache_max_abs_diff_rel": check["max_abs_diff_rel"],
+        "cache_tail_rel": check["tail_rel"],
+        "cache_computed_fraction": check["computed_fraction"],
         "cache_engine_ms": check["engine_ms"],
         "cache_baseline_ms": check["baseline_ms"],
         "cache_speedup": check["baseline_ms"] / max(check["engine_ms"], 1e-9),
