@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "train the 'small' preset for a few minutes, evaluate it with the gamma index, "
                        "and write metrics and plots to --out.")
     p.add_argument("--out", type=Path, default=Path("dota-demo"), help="results folder (default ./dota-demo)")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget in minutes (default 5)")
+    p.add_argument("--minutes", type=float, default=6.0, help="training time budget in minutes (default 6)")
     _add_common(p)
     p.set_defaults(func=cmd_demo)
 

@@ -23,13 +23,13 @@ log = logging.getLogger(__name__)
 DEMO_TRAIN_BEAMLETS = 480
 DEMO_TEST_BEAMLETS = 48
 DEMO_ENERGY_RANGE_MEV = (70.0, 220.0)
-DEMO_EPOCHS = 12
+DEMO_EPOCHS = 24
 
 
 def run_demo(
     out: str | Path = "dota-demo",
     *,
-    minutes: float = 5.0,
+    minutes: float = 6.0,
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
@@ -88,22 +88,14 @@ def run_demo(
         "engine_ms_per_beamlet": result["summary"]["engine_ms_per_beamlet"],
         "timings_s": timings,
     }
-    report = _write_report(out, say)
-    if report is not None:
-        summary["report"] = str(report)
+    from dota.report import build_report
+
+    say("writing the report")
+    report = build_report(out, out / "report")
+    summary["report"] = str(report)
     atomic_write(out / "demo_summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     g = result["summary"]["gamma"]["1%/3mm"]
     say(f"gamma 1%/3mm pass rate: mean {g['mean']:.2f} %, min {g['min']:.2f} % over {result['summary']['beamlets']} beamlets")
     say(f"results: {out.resolve()}")
-    if report is not None:
-        say(f"report: {report.resolve()}  (open it with 'dota view {out}')")
+    say(f"report: {report.resolve()}  (open it with 'dota view {out}')")
     return out
-
-
-def _write_report(out: Path, say) -> Path | None:
-    try:
-        from dota.report import build_report
-    except ImportError:
-        return None
-    say("writing the report")
-    return build_report(out, out / "report")
