@@ -67,3 +67,12 @@ def test_errors(small_h5, tmp_path):
         BeamletDataset(small_h5, norm, indices=[0, 99])
     with pytest.raises(DataFileError, match="at least 2"):
         split_indices(1)
+
+
+def test_normalization_uses_the_generated_energy_range(tmp_path):
+    from dota.generate import generate_dataset
+
+    path = generate_dataset(tmp_path / "g.h5", engine="analytic", n_beamlets=3, energy_range_mev=(70, 220),
+                            phantom="water", seed=0, progress=False)
+    norm = compute_normalization(path)
+    assert norm.energy_range_mev == (70.0, 220.0)

@@ -122,9 +122,10 @@ def compute_normalization(
     hu_range: tuple[float, float] = HU_CLIP,
     energy_range_mev: tuple[float, float] | None = None,
 ) -> Normalization:
-    """Normalisation from training data: dose scale = the largest dose in the training beamlets,
-    energy range = the training energies' min and max rounded outwards to whole MeV (unless given;
-    so data drawn from 70-220 MeV gives a model that accepts 70 and 220), HU clip range fixed."""
+    """Normalisation from training data: dose scale = the largest dose in the training beamlets;
+    energy range = ``energy_range_mev`` if given, else the range ``dota generate`` drew the energies
+    from (recorded in the files), else the training energies' min and max rounded outwards to whole
+    MeV; HU clip range fixed."""
     ds = BeamletDataset(paths, Normalization(), indices)
     dose_max, e_lo, e_hi = 0.0, np.inf, -np.inf
     try:
@@ -137,11 +138,26 @@ def compute_normalization(
     if len(ds) == 0 or dose_max <= 0:
         raise DataFileError("training data is empty or has no dose: cannot compute normalisation")
     if energy_range_mev is None:
+        energy_range_mev = _generated_energy_range(ds.paths)
+    if energy_range_mev is None:
         e_lo, e_hi = float(np.floor(e_lo)), float(np.ceil(e_hi))
         if e_hi - e_lo < 1.0:
             e_lo, e_hi = e_lo - 0.5, e_hi + 0.5
         energy_range_mev = (e_lo, e_hi)
     return Normalization(hu_range=hu_range, energy_range_mev=tuple(energy_range_mev), dose_max=dose_max)
+
+
+def _generated_energy_range(paths: Sequence[Path]) -> tuple[float, float] | None:
+    """The union of the energy ranges the files' beamlets were drawn from, if every file records one."""
+    ranges = []
+    for p in paths:
+        with BeamletFile(p) as f:
+            gen = f.attrs.get("generation")
+        rng = gen.get("energy_range_mev") if isinstance(gen, dict) else None
+        if not rng:
+            return None
+        ranges.append((float(rng[0]), float(rng[1])))
+    return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
 
 
 def split_indices(n: int, val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
