@@ -89,6 +89,7 @@ def evaluate(
         fail_counts = {c.name: np.zeros(depth) for c in crits}
         eval_counts = {c.name: np.zeros(depth) for c in crits}
         predictions = np.zeros((n, *f.block_shape), np.float32) if save_predictions else None
+        geometry = np.zeros((n, *f.block_shape), f.geometry.dtype) if save_predictions else None
         engine_seconds = 0.0
         bar = _progress(n, progress, "evaluating")
         for s in range(0, n, batch_size):
@@ -98,6 +99,7 @@ def evaluate(
             engine_seconds += time.perf_counter() - t0
             if predictions is not None:
                 predictions[s : s + len(chunk)] = pred
+                geometry[s : s + len(chunk)] = chunk.geometry
             for j in range(len(chunk)):
                 ref, ev = chunk.dose[j], pred[j]
                 row: dict[str, Any] = {
@@ -119,6 +121,7 @@ def evaluate(
                 bar.update(1)
         bar.close()
         meta = f.meta
+        energies = f.energy[:n]
 
     summary: dict[str, Any] = {
         "beamlets": n,
@@ -163,23 +166,13 @@ def evaluate(
     atomic_write(out_dir / "metrics.json", lambda t: Path(t).write_text(json.dumps(result, indent=2)))
     if predictions is not None:
         write_dataset(
-            out_dir / "predictions.h5", _reload_geometry(reference, n), predictions,
-            _reload_energy(reference, n), attrs={**eng.file_attrs(), "reference": str(reference)},
+            out_dir / "predictions.h5", geometry, predictions,
+            energies, attrs={**eng.file_attrs(), "reference": str(reference)},
             voxel_mm=voxel_mm, meta={k: v[:n] for k, v in meta.items()},
         )
     if plots:
         plot_evaluation(result, out_dir)
     return result
-
-
-def _reload_geometry(path: str | Path, n: int) -> np.ndarray:
-    with BeamletFile(path) as f:
-        return np.asarray(f.geometry[:n])
-
-
-def _reload_energy(path: str | Path, n: int) -> np.ndarray:
-    with BeamletFile(path) as f:
-        return f.energy[:n]
 
 
 def _progress(total: int, enabled: bool, desc: str):
