@@ -42,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, device=args.device,
     )
     summary = train(args.data, args.out, cfg, resume=args.resume, val_data=args.val_data,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, command="dota " + " ".join(sys.argv[1:]))
     if summary["world_size"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
         print(f"best validation loss {summary['best_val_loss']:.4e}; model: {summary['best_checkpoint']}")
     return 0

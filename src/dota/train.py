@@ -122,6 +122,7 @@ def train(
     progress: bool = True,
     on_step: Callable[[int, int], None] | None = None,
     time_budget_s: float | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Train a DoTA model on dataset file(s) ``data``; write checkpoints, history and plot to ``out_dir``.
 
@@ -130,6 +131,7 @@ def train(
     is called after every optimizer step (tests use it to simulate an interruption).
     ``time_budget_s`` stops after the last epoch that is expected to finish within the budget (the
     run can be continued later with ``resume``; the stopping point then depends on timing).
+    ``command`` is recorded in ``summary.json`` (the CLI passes its command line) for the report.
     Returns a summary dict (also written to ``out_dir/summary.json``).
     """
     out_dir = Path(out_dir)
@@ -287,6 +289,9 @@ def train(
     val_ds.close()
     summary = {
         "out_dir": str(out_dir),
+        "data": [str(p) for p in paths],
+        "val_data": None if val_data is None else str(val_data),
+        "command": command,
         "best_checkpoint": str(out_dir / BEST_FILE),
         "best_val_loss": best_val,
         "epochs": cfg.epochs,
