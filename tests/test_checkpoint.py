@@ -4,6 +4,7 @@ import torch
 
 from dota import checkpoint
 from dota.errors import DataFileError, InputError
+from dota.fileio import atomic_write
 from dota.model import DoTA, DoTAConfig, Normalization
 
 
@@ -63,7 +64,7 @@ def test_atomic_write_uses_normal_permissions(tmp_path):
     import os
 
     path = tmp_path / "f.txt"
-    checkpoint.atomic_write(path, lambda t: open(t, "w").write("x"))
+    atomic_write(path, lambda t: open(t, "w").write("x"))
     umask = os.umask(0)
     os.umask(umask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)

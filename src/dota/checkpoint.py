@@ -9,34 +9,16 @@ state for resuming (optimizer, scheduler, RNG) is a separate ``torch.save`` file
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dota.errors import DataFileError, InputError
+from dota.fileio import atomic_write
 from dota.model import PRESETS, DoTA, DoTAConfig, Normalization, init_weights
 
 CHECKPOINT_FORMAT = "dota-checkpoint-1"
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(model: DoTA, path: str | Path, extra: dict[str, Any] | None = None) -> Path:

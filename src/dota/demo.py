@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dota.checkpoint import atomic_write
+from dota.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dota.checkpoint import atomic_write
+from dota.fileio import atomic_write
 from dota.constants import (
     PAPER_GAMMA_PASS_DOTA,
     PAPER_GAMMA_PASS_PENCIL_BEAM,

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 
 from dota.constants import BLOCK_SHAPE, HU_CLIP, VOXEL_MM
 from dota.errors import DataFileError, InputError
+from dota.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -240,16 +240,11 @@ def _part_path(parts: Path, group: int) -> Path:
 
 
 def _write_part(parts: Path, group: int, arrays: dict[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=parts, prefix=f".group_{group:06d}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, _part_path(parts, group))
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(_part_path(parts, group), write)
 
 
 def _read_part(parts: Path, group: int, expected_index: np.ndarray) -> dict[str, np.ndarray] | None:
@@ -481,9 +476,7 @@ def _same_run(out: Path, manifest: dict[str, Any]) -> bool:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, sort_keys=True)))
 
 
 def parse_energies(text: str) -> list[float]:

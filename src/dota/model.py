@@ -380,22 +380,6 @@ def dota_energies(
     return DoTA(cfg)
 
 
-def scaled_inputs(model: DoTA, geometry_hu: np.ndarray, energies_mev: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validated numpy HU/MeV -> scaled tensors on the model's device (no batch limit)."""
-    from dota.validation import check_beamlets
-
-    geometry, energies = check_beamlets(
-        geometry_hu,
-        energies_mev,
-        block_shape=model.config.block_shape,
-        energy_range_mev=model.normalization.energy_range_mev,
-    )
-    norm = model.normalization
-    g = norm.scale_geometry(torch.from_numpy(geometry).to(model.device))
-    e = norm.scale_energy(torch.from_numpy(energies).to(model.device))
-    return g, e
-
-
 def init_weights(model: DoTA, seed: int | None = None) -> DoTA:
     """Re-initialise with a seeded generator (Glorot-uniform linears, like Keras)."""
     gen = torch.Generator().manual_seed(0 if seed is None else seed)

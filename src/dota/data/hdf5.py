@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dota.checkpoint import atomic_write
+from dota.fileio import atomic_write
 from dota.constants import DOSE_UNIT, FORMAT_VERSION, VOXEL_MM
 from dota.errors import DataFileError, InputError
 

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from dota.checkpoint import atomic_write
+from dota.fileio import atomic_write
 from dota.report import figures as F
 from dota.report.accuracy import WORST_K, accuracy_section
 from dota.report.dose import dose_section
