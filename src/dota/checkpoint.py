@@ -61,9 +61,28 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     }
 
 
-def load_model(name_or_path: str | Path, device: str | torch.device = "cpu", seed: int | None = None) -> DoTA:
-    """A model in eval mode: a preset name (``paper``, ``small``, ``tiny``) gives fresh weights
-    (seeded), a path loads a checkpoint written by :func:`save_model`."""
+#: The name of the trained model shipped inside the package (``dota/resources/models``).
+DEFAULT_MODEL = "default"
+
+
+def default_model_path() -> Path:
+    """Path of the shipped default model's weights (``dota/resources/models/default.safetensors``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("dota").joinpath("resources", "models", f"{DEFAULT_MODEL}.safetensors")))
+
+
+def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device = "cpu",
+               seed: int | None = None) -> DoTA:
+    """A model in eval mode: ``"default"`` (the default) loads the trained model shipped in the package
+    (its model card: ``dota/resources/models/default.md``), a preset name (``paper``, ``small``, ``tiny``,
+    ...) gives fresh weights (seeded), a path loads a checkpoint written by :func:`save_model`."""
+    if isinstance(name_or_path, str) and name_or_path == DEFAULT_MODEL:
+        path = default_model_path()
+        if not path.is_file():
+            raise DataFileError(f"the default model is missing from this installation ({path}); "
+                                "reinstall dota-dose or pass a checkpoint path")
+        name_or_path = path
     if isinstance(name_or_path, str) and name_or_path in PRESETS:
         model = init_weights(DoTA(DoTAConfig.from_name(name_or_path)), seed)
         return model.to(device).eval()

@@ -87,20 +87,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.out, engine=args.engine, engine_kwargs=engine_kwargs, n_beamlets=args.num_beamlets,
         energies=parse_energies(args.energies) if args.energies else None,
         energy_range_mev=parse_energy_range(args.energy_range) if args.energy_range else None,
-        phantom=args.phantom, ct=args.ct.split(",") if args.ct else None, seed=args.seed,
+        phantom=args.phantom, ct=args.ct.split(",") if args.ct else None, split=args.split,
+        balance_sites=args.balance_sites, seed=args.seed,
         resume=args.resume, workers=args.workers, ray_address=args.ray_address, group_size=args.group_size,
-        block_shape=args.block_shape, progress=not args.no_progress,
+        block_shape=args.block_shape, progress=not args.no_progress, command="dota " + " ".join(sys.argv[1:]),
     )
     print(f"dataset written to {out}")
     return 0
 
 
 def cmd_mcsquare(args: argparse.Namespace) -> int:
-    from dota.engines.mcsquare import find_mcsquare, install_mcsquare, select_build
+    from dota.engines.mcsquare import find_mcsquare, install_mcsquare, runnable_build
 
     if args.action == "install":
         root = install_mcsquare(args.cache_dir, force=args.force)
-        print(f"MCsquare installed in {root} (build for this CPU: {select_build()})")
+        print(f"MCsquare installed in {root} (build that runs on this CPU: {runnable_build(root)})")
     else:
         inst = find_mcsquare(args.cache_dir)
         print(inst.binary)
@@ -194,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "relative error, failures by depth. Writes metrics.json and plots.")
     p.add_argument("reference", type=Path, help="reference dataset with dose (e.g. Monte Carlo)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--engine", default="dota", help="dota (needs --model), analytic or mcsquare")
-    p.add_argument("--model", help="checkpoint path or preset name for --engine dota")
+    p.add_argument("--engine", default="dota", help="dota (default), analytic or mcsquare")
+    p.add_argument("--model", help="checkpoint path or preset name for --engine dota (default: the shipped model)")
     p.add_argument("--criteria", default="1%/3mm", help="comma-separated gamma criteria, e.g. 1%%/3mm,2%%/2mm")
     p.add_argument("--max-beamlets", type=int, help="evaluate only the first N beamlets")
     p.add_argument("--no-predictions", action="store_true", help="do not save predictions.h5")
@@ -206,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Predict dose (Gy per 1e9 primaries) with a trained model for every beamlet "
                        "in a dataset file; writes the shared HDF5 format.")
     p.add_argument("data", type=Path, help="input dataset (geometry and energy are used)")
-    p.add_argument("--model", required=True, help="checkpoint path (or a preset name for random weights)")
+    p.add_argument("--model", help="checkpoint path, or a preset name for random weights (default: the shipped model)")
     p.add_argument("--out", type=Path, required=True, help="output HDF5 file")
     p.add_argument("--batch-size", type=int, default=16)
     _add_common(p)
@@ -228,9 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "directions. Deterministic for a seed; parallel on Ray (--workers, --ray-address); finished "
                        "beamlets are saved as they finish and --resume completes an interrupted run.")
     p.add_argument("--engine", default="analytic", help="analytic or mcsquare (default analytic)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--phantom", help="phantom kind(s), comma-separated: water, slab, heterogeneous, lung, bone")
-    src.add_argument("--ct", help="'all' (every CT in ../shared/data/ct or $DOTA_CT_DIR), or CT paths, comma-separated")
+    p.add_argument("--phantom", help="phantom kind(s), comma-separated: water, slab, heterogeneous, lung, bone")
+    p.add_argument("--ct", help="'all' (every CT in ../shared/data/ct or $DOTA_CT_DIR), or CT paths, comma-separated")
+    p.add_argument("--split", choices=["train", "val", "test"],
+                   help="keep only the CT patients of this split (patients never cross splits; phantoms train)")
+    p.add_argument("--balance-sites", action="store_true",
+                   help="give every anatomical site (head and neck, thorax, abdomen, pelvis, limb, phantom) "
+                   "the same share of beamlets")
     en = p.add_mutually_exclusive_group(required=True)
     en.add_argument("--energies", help="comma-separated energies in MeV, cycled over the beamlets")
     en.add_argument("--energy-range", help="LO:HI in MeV, sampled uniformly per beamlet")
@@ -239,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="MCsquare threads per beamlet (default 1: bit-reproducible)")
     p.add_argument("--workers", type=int, default=1, help="local Ray workers (default 1: in this process)")
     p.add_argument("--ray-address", help="address of an existing Ray cluster, e.g. auto or ray://host:10001")
-    p.add_argument("--group-size", type=int, help="beamlets per task (default 1 for mcsquare, 16 otherwise)")
+    p.add_argument("--group-size", type=int, help="beamlets per task (default 4 for mcsquare, 16 otherwise)")
     p.add_argument("--block-shape", type=_block_shape, default=BLOCK_SHAPE,
                    help="block LxHxW voxels of 2 mm (default 150x24x24; 225 MeV in water needs 164 slices)")
     p.add_argument("--resume", action="store_true", help="complete an interrupted run (same arguments)")
@@ -261,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(prefix) and batch sizes 1-32, interleaved; check that every computed slice matches. Writes "
                        "bench.json, bench.md and PNG plots to --out.")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="results folder (default runs/bench)")
-    p.add_argument("--model", default="paper", help="preset name (random weights) or checkpoint path (default paper)")
+    p.add_argument("--model", default="default",
+                   help="checkpoint path, or a preset name for random weights (default: the shipped model)")
     p.add_argument("--quick", action="store_true", help="small scenarios (under 2 minutes; for CI)")
     p.add_argument("--scenarios", help="comma-separated subset of: single, energy_sweep, plan, prefix, batch")
     p.add_argument("--threads", type=int, help="torch threads (default: one per available core)")

@@ -31,7 +31,7 @@ from dota.evaluation.metrics import range_error_mm, relative_error_percent, summ
 
 
 def make_engine(engine: str | DoseEngine, model: str | None = None, device: str = "auto") -> DoseEngine:
-    """An engine by name; ``dota`` needs ``model`` (checkpoint path or preset)."""
+    """An engine by name; ``dota`` takes ``model`` (checkpoint path or preset; default: the shipped model)."""
     if isinstance(engine, DoseEngine):
         return engine
     if engine == "dota":
@@ -182,10 +182,11 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 def predict_file(
-    data: str | Path, out: str | Path, *, model: str, device: str = "auto", batch_size: int = 16,
+    data: str | Path, out: str | Path, *, model: str | None = None, device: str = "auto", batch_size: int = 16,
     progress: bool = True,
 ) -> Path:
-    """Predict every beamlet of ``data`` with ``model``; write the shared format to ``out``."""
+    """Predict every beamlet of ``data`` with ``model`` (default: the shipped model); write the shared
+    format to ``out``."""
     eng = make_engine("dota", model, device)
     with BeamletFile(data) as f:
         n = len(f)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,9 @@ logger = logging.getLogger(__name__)
 
 _PARTS_SUFFIX = ".parts"
 _MANIFEST = "manifest.json"
-#: Beamlets per task when none is given: one MC run is seconds, an analytic beamlet milliseconds.
-_DEFAULT_GROUP_SIZE = {"mcsquare": 1}
+#: Beamlets per task when none is given: one MC run is seconds (4 amortise the task and part-file costs),
+#: an analytic beamlet milliseconds.
+_DEFAULT_GROUP_SIZE = {"mcsquare": 4}
 _DEFAULT_GROUP_SIZE_OTHER = 16
 
 
@@ -116,12 +118,28 @@ def resolve_sources(phantom: str | Sequence[str] | None = None,
 
 def make_specs(n_beamlets: int | None, sources: Sequence[str], seed: int, *,
                energies: Sequence[float] | None = None,
-               energy_range_mev: tuple[float, float] | None = None) -> list[BeamletSpec]:
+               energy_range_mev: tuple[float, float] | None = None,
+               balance_sites: bool = False) -> list[BeamletSpec]:
     """The beamlets of a run, in order. Depends only on the arguments (never on workers or timing).
 
     Listed ``energies`` are cycled (every source gets every energy in turn); an ``energy_range_mev`` is
     sampled uniformly per beamlet. Without ``n_beamlets``, one beamlet per listed energy and source.
+    With ``balance_sites``, beamlets go to the anatomical sites in turn (:func:`dota.data.splits.site_of`)
+    and to the sources of a site in turn, so every site gets the same share whatever its number of files.
     """
+    if balance_sites:
+        from dota.data.splits import site_balanced_order
+
+        groups = site_balanced_order(sources)
+
+        def source_of(k: int) -> str:
+            _, members = groups[k % len(groups)]
+            return members[(k // len(groups)) % len(members)]
+    else:
+
+        def source_of(k: int) -> str:
+            return sources[k % len(sources)]
+
     if (energies is None) == (energy_range_mev is None):
         raise InputError("give either a list of energies or an energy range")
     if energies is not None:
@@ -142,11 +160,11 @@ def make_specs(n_beamlets: int | None, sources: Sequence[str], seed: int, *,
     for i in range(int(n_beamlets)):
         if energies is not None:
             energy = energies[i % len(energies)]
-            source = sources[(i // len(energies)) % len(sources)]
+            source = source_of(i // len(energies))
         else:
             energy = float(np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i, 2))).uniform(lo, hi))
             energy = round(energy, 3)
-            source = sources[i % len(sources)]
+            source = source_of(i)
         specs.append(BeamletSpec(index=i, energy_mev=energy, source=source, master_seed=int(seed)))
     return specs
 
@@ -284,6 +302,8 @@ def generate_dataset(
     energy_range_mev: tuple[float, float] | None = None,
     phantom: str | Sequence[str] | None = None,
     ct: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    split: str | None = None,
+    balance_sites: bool = False,
     seed: int = 0,
     resume: bool = False,
     workers: int = 1,
@@ -294,6 +314,7 @@ def generate_dataset(
     progress: bool = True,
     keep_parts: bool = False,
     on_group_done: Callable[[int, int], None] | None = None,
+    command: str | None = None,
 ) -> Path:
     """Generate a beamlet dataset (``dataset-format.md``) and return its path.
 
@@ -306,6 +327,11 @@ def generate_dataset(
         ``{"primaries": 10_000}`` for MCsquare (each beamlet gets its own MC seed from the master seed).
     n_beamlets, energies, energy_range_mev, phantom, ct, seed
         What to generate; see :func:`make_specs` and :func:`resolve_sources`.
+    split
+        Keep only the sources of one patient split (``train``, ``val``, ``test``;
+        :data:`dota.data.splits.PATIENT_SPLIT`): patients never cross splits.
+    balance_sites
+        Give every anatomical site the same share of beamlets (:func:`make_specs`).
     resume
         Continue a run whose parts folder exists (same arguments required); without it, an existing
         parts folder or output file is an error.
@@ -314,6 +340,8 @@ def generate_dataset(
         an existing Ray cluster. With neither, groups run serially in this process.
     group_size
         Beamlets per task (default 1 for MCsquare, 16 otherwise). Part of the run's identity.
+    command
+        The command line, recorded in the manifest written beside the output (``OUT.manifest.json``).
     on_group_done
         Called as ``on_group_done(done_beamlets, total)`` after each group is saved (tests use it to
         interrupt a run).
@@ -321,7 +349,12 @@ def generate_dataset(
     out = Path(out_path)
     engine_kwargs = dict(engine_kwargs or {})
     sources = resolve_sources(phantom, ct)
-    specs = make_specs(n_beamlets, sources, seed, energies=energies, energy_range_mev=energy_range_mev)
+    if split is not None:
+        from dota.data.splits import select_split
+
+        sources = select_split(sources, split)
+    specs = make_specs(n_beamlets, sources, seed, energies=energies, energy_range_mev=energy_range_mev,
+                       balance_sites=balance_sites)
     if group_size is None:
         group_size = _DEFAULT_GROUP_SIZE.get(engine, _DEFAULT_GROUP_SIZE_OTHER)
     if int(group_size) < 1:
@@ -343,6 +376,8 @@ def generate_dataset(
         "energies": None if energies is None else [float(e) for e in energies],
         "energy_range_mev": None if energy_range_mev is None else [float(v) for v in energy_range_mev],
         "sources": sources,
+        "split": split,
+        "balance_sites": bool(balance_sites),
         "seed": int(seed),
         "group_size": int(group_size),
         "block_shape": [int(v) for v in block_shape],
@@ -370,6 +405,8 @@ def generate_dataset(
 
     from tqdm.auto import tqdm
 
+    started_at = time.perf_counter()
+    done_at_start = done
     with tqdm(total=len(specs), initial=done, unit="beamlet", disable=not progress, smoothing=0.05,
               desc=f"{engine} -> {out.name}") as bar:
 
@@ -378,6 +415,8 @@ def generate_dataset(
             _write_part(parts, group, arrays)
             done += len(groups[group])
             bar.update(len(groups[group]))
+            elapsed = time.perf_counter() - started_at
+            bar.set_postfix_str(f"{(done - done_at_start) / max(elapsed, 1e-9) * 3600:,.0f} beamlets/h")
             if on_group_done is not None:
                 on_group_done(done, len(specs))
 
@@ -388,10 +427,30 @@ def generate_dataset(
             for g in todo:
                 finished(g, run_group(groups[g], *args))
 
+    computed, elapsed = done - done_at_start, time.perf_counter() - started_at
+    rate = computed / elapsed * 3600 if computed and elapsed > 0 else None
+    if rate is not None:
+        logger.info("%d beamlets in %.1f s: %.0f beamlets/hour with %d worker(s)", computed, elapsed, rate, workers)
     _merge(out, parts, groups, eng.file_attrs(), manifest, voxel_mm)
+    _write_json_atomic(manifest_path_for(out), {
+        "dataset": out.name,
+        "command": command,
+        "generation": manifest,
+        "engine_version": eng.version,
+        "attrs": {k: v for k, v in eng.file_attrs().items() if isinstance(v, (str, int, float))},
+        "rate_beamlets_per_hour": None if rate is None else round(rate, 1),
+        "rate_note": f"{computed} beamlets computed in this call in {elapsed:.1f} s, {workers} worker(s)",
+        "seeds": "beamlet i: SeedSequence(seed, spawn_key=(i, 0)) geometry, (i, 1) engine, (i, 2) energy",
+    })
     if not keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
     return out
+
+
+def manifest_path_for(out_path: str | os.PathLike) -> Path:
+    """``OUT.h5`` -> ``OUT.manifest.json``: how the dataset was made (also stored in the file's attributes)."""
+    out = Path(out_path)
+    return out.with_name(out.name.removesuffix(".h5").removesuffix(".hdf5") + ".manifest.json")
 
 
 def _run_on_ray(groups: list[list[BeamletSpec]], todo: list[int], args: tuple, workers: int,
@@ -430,28 +489,44 @@ def _run_on_ray(groups: list[list[BeamletSpec]], todo: list[int], args: tuple, w
 
 def _merge(out: Path, parts: Path, groups: list[list[BeamletSpec]], attrs: dict[str, Any],
            manifest: dict[str, Any], voxel_mm: tuple[float, float, float]) -> None:
-    from dota.data.hdf5 import write_dataset
+    """Stream the parts, in beamlet order, into the output file (atomically): one part in memory at a time."""
+    from dota.data.hdf5 import DatasetWriter
 
-    loaded = []
-    for g, grp in enumerate(groups):
-        arrays = _read_part(parts, g, np.array([s.index for s in grp]))
-        if arrays is None:
-            raise DataFileError(f"part {g} of {parts} is missing or unreadable; run again with --resume")
-        loaded.append(arrays)
-    cat = {k: np.concatenate([a[k] for a in loaded]) for k in loaded[0]}
-    meta = {k: cat[k] for k in ("seed", "source", "gantry_deg", "couch_deg", "spot_offset_mm", "sha256")}
-    write_dataset(out, cat["geometry"], cat["dose"], cat["energy"], voxel_mm=voxel_mm,
-                  attrs={**attrs, "generation": manifest}, meta=meta)
-    warn_beams_leaving_block(cat["dose"], cat["energy"], voxel_mm)
+    meta_keys = ("seed", "source", "gantry_deg", "couch_deg", "spot_offset_mm", "sha256")
+    block_shape = tuple(manifest["block_shape"])
+    leaving: list[np.ndarray] = []
+    energies: list[np.ndarray] = []
+
+    def write(tmp: str) -> None:
+        with DatasetWriter(tmp, block_shape, attrs={**attrs, "generation": manifest}, voxel_mm=voxel_mm) as w:
+            for g, grp in enumerate(groups):
+                arrays = _read_part(parts, g, np.array([s.index for s in grp]))
+                if arrays is None:
+                    raise DataFileError(f"part {g} of {parts} is missing or unreadable; run again with --resume")
+                w.append(arrays["geometry"], arrays["dose"], arrays["energy"],
+                         meta={k: arrays[k] for k in meta_keys})
+                leaving.append(_leaving(arrays["dose"], 0.01))
+                energies.append(arrays["energy"])
+
+    atomic_write(out, write)
+    shape_only = np.empty((0, *block_shape), dtype=np.float32)
+    warn_beams_leaving_block(shape_only, np.concatenate(energies), voxel_mm, leaving=np.concatenate(leaving))
+
+
+def _leaving(dose: np.ndarray, fraction: float) -> np.ndarray:
+    """Mask of the beamlets whose last slice still holds more than ``fraction`` of their maximum."""
+    last = dose[:, -1].reshape(len(dose), -1).max(axis=1)
+    peak = dose.reshape(len(dose), -1).max(axis=1)
+    return last > fraction * np.maximum(peak, 1e-30)
 
 
 def warn_beams_leaving_block(dose: np.ndarray, energy: np.ndarray, voxel_mm: tuple[float, float, float],
-                             fraction: float = 0.01) -> int:
+                             fraction: float = 0.01, *, leaving: np.ndarray | None = None) -> int:
     """Log a warning for beamlets that still carry dose in the last slice (more than ``fraction`` of
-    their maximum): their Bragg peak lies beyond the block. Returns how many there are."""
-    last = dose[:, -1].reshape(len(dose), -1).max(axis=1)
-    peak = dose.reshape(len(dose), -1).max(axis=1)
-    leaving = np.flatnonzero(last > fraction * np.maximum(peak, 1e-30))
+    their maximum): their Bragg peak lies beyond the block. Returns how many there are.
+
+    ``leaving`` (a precomputed mask) lets a streaming caller pass only the block shape in ``dose``."""
+    leaving = np.flatnonzero(_leaving(dose, fraction) if leaving is None else leaving)
     if leaving.size:
         from dota.physics import csda_range_mm
 

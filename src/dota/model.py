@@ -23,6 +23,9 @@ from torch import nn
 from dota.constants import BLOCK_SHAPE, HU_CLIP, PAPER_ENERGY_RANGE_MEV, VOXEL_MM
 from dota.errors import InputError
 
+#: What a model's dose is added to: nothing, or the analytic pencil-beam engine's dose.
+BASE_ENGINES: tuple[str, ...] = ("", "analytic")
+
 
 @dataclass(frozen=True)
 class DoTAConfig:
@@ -39,6 +42,7 @@ class DoTAConfig:
     decoder_norm: bool = True  # GroupNorm in the decoder (paper); it removes each slice's dose scale
     dropout: float = 0.2  # dropout in attention and MLP (training only)
     ln_eps: float = 1e-6  # LayerNorm epsilon (Keras default used by the paper)
+    base_engine: str = ""  # "" (the network predicts the dose) or "analytic": it predicts a correction to it
 
     @property
     def d_model(self) -> int:
@@ -64,6 +68,8 @@ class DoTAConfig:
             raise InputError(f"the last MLP width {self.mlp_dims[-1]} must equal d_model {self.d_model}")
         if self.num_forward < 0 or self.num_blocks < 1 or self.num_heads < 1:
             raise InputError("num_forward must be >= 0, num_blocks and num_heads >= 1")
+        if self.base_engine not in BASE_ENGINES:
+            raise InputError(f"base_engine must be one of {BASE_ENGINES}, got {self.base_engine!r}")
 
     @classmethod
     def from_name(cls, name: str) -> DoTAConfig:
@@ -103,6 +109,12 @@ PRESETS: dict[str, DoTAConfig] = {
         mlp_dims=(72, 72), num_forward=2, dropout=0.1, decoder_norm=False,
     ),
 }
+# Physics-informed variants: the network learns the Monte Carlo dose minus the analytic pencil beam's
+# (dota.engines.analytic), which is computed at inference and added; its output layer starts at zero, so
+# an untrained model is the analytic engine.
+PRESETS["small-pb"] = replace(PRESETS["small"], base_engine="analytic")
+PRESETS["tiny-pb"] = replace(PRESETS["tiny"], base_engine="analytic")
+PRESETS["paper-pb"] = replace(PRESETS["paper"], base_engine="analytic", decoder_norm=False)
 
 
 @dataclass
@@ -292,6 +304,17 @@ class DoTA(nn.Module):
         """Add learned positions to tokens occupying positions start..start+T-1 (0 is the energy)."""
         return tokens + self.positions[start : start + tokens.shape[1]]
 
+    def base_dose_scaled(self, geometry_hu: np.ndarray, energies_mev: np.ndarray) -> torch.Tensor | None:
+        """The base dose (``config.base_engine``) of HU blocks and MeV energies, divided by ``dose_max``
+        (the network's output scale), or None for a model without a base. The engine, training and
+        :meth:`predict` add it to the network's output; it is not part of :meth:`forward`."""
+        if not self.config.base_engine:
+            return None
+        from dota.engines.analytic import AnalyticEngine
+
+        dose = AnalyticEngine().dose(geometry_hu, energies_mev, self.config.voxel_mm)
+        return torch.from_numpy(dose).to(self.device) / float(self.normalization.dose_max)
+
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, l, d_model) slice tokens after the transformer -> (B, l, H, W) scaled dose."""
         b, l, _ = tokens.shape
@@ -300,7 +323,9 @@ class DoTA(nn.Module):
 
     # -- the plain full forward pass ------------------------------------------------------------
     def forward(self, geometry: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
-        """Plain full pass over all L slices; the reference every fast path is tested against."""
+        """Plain full pass over all L slices; the reference every fast path is tested against.
+
+        For a model with a ``base_engine`` this is the scaled correction to the base dose."""
         x = torch.cat([self.energy_embedding(energy), self.encode(geometry)], dim=1)
         x = self.add_positions(x)
         mask = self.mask[: x.shape[1], : x.shape[1]]
@@ -392,6 +417,8 @@ def init_weights(model: DoTA, seed: int | None = None) -> DoTA:
                 if m.bias is not None:
                     m.bias.zero_()
         model.positions.copy_(torch.randn(model.positions.shape, generator=gen) * 0.02)
+        if model.config.base_engine:  # start as the base engine: zero correction
+            model.decoder.out.weight.zero_()
     return model
 
 

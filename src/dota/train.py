@@ -165,8 +165,10 @@ def train(
         norm = Normalization.from_dict(state["normalization"])
     else:
         norm = compute_normalization(paths, train_idx)
-    train_ds = BeamletDataset(paths, norm, train_idx, augment=cfg.augment, flips=cfg.flips, seed=cfg.seed)
-    val_ds = BeamletDataset(val_paths, norm, val_idx)
+    base_engine = DoTAConfig.from_name(cfg.preset).base_engine
+    train_ds = BeamletDataset(paths, norm, train_idx, augment=cfg.augment, flips=cfg.flips, seed=cfg.seed,
+                              base_engine=base_engine, progress=progress and ddp.main)
+    val_ds = BeamletDataset(val_paths, norm, val_idx, base_engine=base_engine, progress=progress and ddp.main)
     if train_ds.block_shape != DoTAConfig.from_name(cfg.preset).block_shape:
         raise InputError(
             f"data blocks {train_ds.block_shape} do not match preset {cfg.preset!r} "

@@ -36,6 +36,11 @@ class BeamletDataset(Dataset):
         The same transform is applied to geometry and dose. The transform of item ``i`` is drawn from
         a generator seeded by ``(seed, epoch, i)`` (see :meth:`set_epoch`), so it is reproducible in
         any worker and after a resume.
+    base_engine
+        ``"analytic"`` for a model that learns a correction to the analytic pencil beam
+        (:attr:`dota.model.DoTAConfig.base_engine`): the base dose of every beamlet is computed once
+        (about 30 ms each, kept in memory) and the item's dose target is the scaled Monte Carlo dose
+        minus the scaled base dose.
     """
 
     def __init__(
@@ -46,6 +51,8 @@ class BeamletDataset(Dataset):
         augment: bool = False,
         flips: bool = False,
         seed: int = 0,
+        base_engine: str = "",
+        progress: bool = False,
     ) -> None:
         self.paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
         self.normalization = normalization
@@ -67,6 +74,24 @@ class BeamletDataset(Dataset):
         self.indices = np.arange(total) if indices is None else np.asarray(indices, dtype=np.int64)
         if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= total):
             raise DataFileError(f"indices out of range for {total} beamlets")
+        self.base_engine = base_engine
+        self._base: np.ndarray | None = None
+        if base_engine:
+            self._base = self._compute_base(progress)
+
+    def _compute_base(self, progress: bool) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        from dota.engines import get_engine
+
+        engine = get_engine(self.base_engine)
+        base = np.empty((len(self), *self.block_shape), dtype=np.float32)
+        for i in tqdm(range(len(self)), desc=f"{self.base_engine} base dose", unit="beamlet", disable=not progress):
+            f, j = self._locate(i)
+            base[i] = engine.dose(np.asarray(f.geometry[j], dtype=np.float32)[None], np.array([f.energy[j]]),
+                                  f.voxel_mm)[0]
+        base /= np.float32(self.normalization.dose_max)
+        return base
 
     def __len__(self) -> int:
         return int(self.indices.size)
@@ -93,6 +118,8 @@ class BeamletDataset(Dataset):
         g = norm.scale_geometry(torch.from_numpy(geometry))
         e = norm.scale_energy(torch.tensor(energy, dtype=torch.float32))
         d = norm.scale_dose(torch.from_numpy(dose))
+        if self._base is not None:
+            d = d - torch.from_numpy(self._base[i])
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, int(self.indices[i])])
             k = int(rng.integers(4))
@@ -114,6 +141,10 @@ class BeamletDataset(Dataset):
         state = dict(self.__dict__)
         state["_files"] = None  # h5py handles do not cross process boundaries
         return state
+
+    def base_scaled(self, i: int) -> np.ndarray | None:
+        """The scaled base dose of item ``i`` (None without a base engine)."""
+        return None if self._base is None else self._base[i]
 
 
 def compute_normalization(

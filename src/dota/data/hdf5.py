@@ -79,55 +79,153 @@ def write_dataset(
     uncertainty: np.ndarray | None = None,
     compression: str = "gzip",
 ) -> Path:
-    """Write beamlets in the shared format, atomically.
+    """Write beamlets in the shared format, atomically (one :class:`DatasetWriter` append).
 
     ``attrs`` must name ``engine``, ``engine_version``, ``primaries`` and ``hu_calibration`` (an
     engine's :meth:`~dota.engines.base.DoseEngine.file_attrs`); the others are filled in. Extra
     attributes are kept (dicts are stored as JSON strings).
     """
     geometry = np.asarray(geometry)
-    dose = np.asarray(dose)
-    energy = np.asarray(energy, dtype=np.float32).reshape(-1)
     if geometry.ndim != 4:
         raise InputError(f"geometry must be (N, L, H, W), got shape {geometry.shape}")
-    if dose.shape != geometry.shape:
-        raise InputError(f"dose shape {dose.shape} differs from geometry shape {geometry.shape}")
-    if energy.shape[0] != geometry.shape[0]:
-        raise InputError(f"{energy.shape[0]} energies for {geometry.shape[0]} beamlets")
-    if not np.isfinite(dose).all():
-        raise InputError("dose contains NaN or inf; refusing to write it")
-    missing = [k for k in ("engine", "engine_version", "primaries", "hu_calibration") if k not in attrs]
-    if missing:
-        raise InputError(f"dataset attributes missing: {missing}")
-    geometry = geometry.astype(np.int16) if _fits_int16(geometry) else geometry.astype(np.float32)
-    all_attrs = {
-        "format_version": FORMAT_VERSION,
-        "voxel_size_mm": np.asarray(voxel_mm, dtype=np.float64),
-        "dose_unit": DOSE_UNIT,
-        "created_by": _created_by(),
-        **attrs,
-    }
-    chunks = (1, *geometry.shape[1:]) if len(geometry) else None
+    int16 = _fits_int16(geometry)
 
     def write(tmp: str) -> None:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("geometry", data=geometry, chunks=chunks, compression=compression)
-            f.create_dataset("dose", data=dose.astype(np.float32), chunks=chunks, compression=compression)
-            f.create_dataset("energy", data=energy)
-            if uncertainty is not None:
-                u = np.asarray(uncertainty, dtype=np.float32)
-                f.create_dataset("uncertainty", data=u, chunks=chunks if u.ndim == 4 else None,
-                                 compression=compression if u.ndim == 4 else None)
-            for k, v in (meta or {}).items():
-                v = np.asarray(v)
-                if v.dtype.kind in "UO":
-                    v = v.astype(h5py.string_dtype())
-                f.create_dataset(f"meta/{k}", data=v)
-            for k, v in all_attrs.items():
-                f.attrs[k] = json.dumps(v) if isinstance(v, dict) else v
+        with DatasetWriter(tmp, geometry.shape[1:], attrs=attrs, voxel_mm=voxel_mm, compression=compression,
+                           geometry_int16=int16) as w:
+            w.append(geometry, dose, energy, meta=meta, uncertainty=uncertainty)
 
     atomic_write(path, write)
     return Path(path)
+
+
+class DatasetWriter:
+    """Appends beamlets to a new dataset file without holding them in memory.
+
+    Datasets are created resizable along the beamlet axis and grow with every :meth:`append`; the file
+    attributes are written at :meth:`close`. It writes to ``path`` directly: wrap it in
+    :func:`dota.fileio.atomic_write` (as :func:`write_dataset` and ``dota generate`` do) so that readers
+    never see a partial file. Every append is checked (shapes, NaN/inf, meta lengths) before it is written.
+
+    >>> with DatasetWriter(tmp, (150, 24, 24), attrs=engine.file_attrs()) as w:
+    ...     for part in parts:
+    ...         w.append(part.geometry, part.dose, part.energy, meta=part.meta)
+    """
+
+    def __init__(self, path: str | Path, block_shape: tuple[int, ...], *, attrs: dict[str, Any],
+                 voxel_mm: tuple[float, float, float] = VOXEL_MM, compression: str | None = "gzip",
+                 geometry_int16: bool = True) -> None:
+        missing = [k for k in ("engine", "engine_version", "primaries", "hu_calibration") if k not in attrs]
+        if missing:
+            raise InputError(f"dataset attributes missing: {missing}")
+        voxel = np.asarray(voxel_mm, dtype=np.float64).reshape(-1)
+        if voxel.shape != (3,) or not np.isfinite(voxel).all() or (voxel <= 0).any():
+            raise InputError(f"voxel size must be three positive millimetre values, got {tuple(voxel.tolist())}")
+        block_shape = tuple(int(v) for v in block_shape)
+        if len(block_shape) != 3 or min(block_shape) < 1:
+            raise InputError(f"block shape must be (L, H, W), got {block_shape}")
+        self.path = Path(path)
+        self.block_shape = block_shape
+        self.compression = compression
+        self.count = 0
+        self._attrs = {
+            "format_version": FORMAT_VERSION,
+            "voxel_size_mm": voxel,
+            "dose_unit": DOSE_UNIT,
+            "created_by": _created_by(),
+            **attrs,
+        }
+        self._f = h5py.File(self.path, "w")
+        chunks = (1, *block_shape)
+        maxshape = (None, *block_shape)
+        try:
+            self._f.create_dataset("geometry", shape=(0, *block_shape), maxshape=maxshape, chunks=chunks,
+                                   dtype=np.int16 if geometry_int16 else np.float32, compression=compression)
+            self._f.create_dataset("dose", shape=(0, *block_shape), maxshape=maxshape, chunks=chunks,
+                                   dtype=np.float32, compression=compression)
+            self._f.create_dataset("energy", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=np.float32)
+        except BaseException:
+            self._f.close()
+            raise
+
+    def append(self, geometry: np.ndarray, dose: np.ndarray, energy: np.ndarray, *,
+               meta: dict[str, np.ndarray] | None = None, uncertainty: np.ndarray | None = None) -> None:
+        """Add beamlets ``(n, L, H, W)`` with their dose, energies (n,), meta arrays (n, ...) and uncertainty."""
+        geometry = np.asarray(geometry)
+        dose = np.asarray(dose)
+        energy = np.asarray(energy, dtype=np.float32).reshape(-1)
+        n = int(energy.shape[0])
+        if geometry.shape != (n, *self.block_shape):
+            raise InputError(f"geometry shape {geometry.shape} does not hold {n} blocks of {self.block_shape}")
+        if dose.shape != geometry.shape:
+            raise InputError(f"dose shape {dose.shape} differs from geometry shape {geometry.shape}")
+        if not np.isfinite(dose).all():
+            raise InputError("dose contains NaN or inf; refusing to write it")
+        if np.issubdtype(geometry.dtype, np.floating) and not np.isfinite(geometry).all():
+            raise InputError("geometry contains NaN or inf; refusing to write it")
+        if not np.isfinite(energy).all() or (energy <= 0).any():
+            raise InputError("energies must be finite and positive; refusing to write them")
+        if self._f["geometry"].dtype == np.int16 and not _fits_int16(geometry):
+            raise InputError("geometry does not fit the int16 HU this file was opened with")
+        meta = dict(meta or {})
+        for k, v in meta.items():
+            if len(np.asarray(v)) != n:
+                raise InputError(f"meta/{k} has {len(np.asarray(v))} rows for {n} beamlets")
+        if uncertainty is not None:
+            u = np.asarray(uncertainty, dtype=np.float32)
+            if u.shape not in (dose.shape, (n,)):
+                raise InputError(f"uncertainty shape {u.shape} is neither the dose shape {dose.shape} nor ({n},)")
+        if self.count and set(meta) != set(self._meta_keys()):
+            raise InputError(f"meta keys {sorted(meta)} differ from the earlier appends' {sorted(self._meta_keys())}")
+        lo, hi = self.count, self.count + n
+        f = self._f
+        for name, arr in (("geometry", geometry), ("dose", dose.astype(np.float32)), ("energy", energy)):
+            f[name].resize(hi, axis=0)
+            f[name][lo:hi] = arr
+        if uncertainty is not None:
+            if "uncertainty" not in f:
+                if self.count:
+                    raise InputError("uncertainty given for some appends only")
+                per_voxel = u.ndim == 4
+                f.create_dataset("uncertainty", shape=(0, *u.shape[1:]), maxshape=(None, *u.shape[1:]),
+                                 chunks=(1, *self.block_shape) if per_voxel else None, dtype=np.float32,
+                                 compression=self.compression if per_voxel else None)
+            f["uncertainty"].resize(hi, axis=0)
+            f["uncertainty"][lo:hi] = u
+        for k, v in meta.items():
+            v = np.asarray(v)
+            key = f"meta/{k}"
+            if key not in f:
+                if v.dtype.kind in "UO":
+                    f.create_dataset(key, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype())
+                else:
+                    f.create_dataset(key, shape=(0, *v.shape[1:]), maxshape=(None, *v.shape[1:]), dtype=v.dtype)
+            if v.dtype.kind in "UO":
+                v = v.astype(object)
+            f[key].resize(hi, axis=0)
+            f[key][lo:hi] = v
+        self.count = hi
+
+    def _meta_keys(self) -> list[str]:
+        return list(self._f["meta"].keys()) if "meta" in self._f else []
+
+    def close(self) -> None:
+        if not self._f:
+            return
+        try:
+            for k, v in self._attrs.items():
+                self._f.attrs[k] = json.dumps(v) if isinstance(v, dict) else v
+        finally:
+            self._f.close()
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()
 
 
 def _fits_int16(geometry: np.ndarray) -> bool:

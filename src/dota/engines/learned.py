@@ -11,7 +11,8 @@ from dota.errors import InputError
 
 @register_engine("dota")
 class LearnedEngine(DoseEngine):
-    """Dose from a trained DoTA model (a checkpoint path, or a preset name for random weights).
+    """Dose from a trained DoTA model: the shipped default model unless ``model`` names a checkpoint path
+    (or a preset name, for random weights).
 
     Runs through the model's inference engine (exact caching and truncation).
     """
@@ -21,11 +22,11 @@ class LearnedEngine(DoseEngine):
 
     def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 16, seed: int = 0) -> None:
         from dota import __version__
-        from dota.checkpoint import load_model
+        from dota.checkpoint import DEFAULT_MODEL, load_model
         from dota.model import DoTA
 
         if model is None:
-            raise InputError("the dota engine needs a model: pass --model CHECKPOINT (or a preset name)")
+            model = DEFAULT_MODEL
         self.model: DoTA = model if isinstance(model, DoTA) else load_model(model, device=device, seed=seed)
         self.model.eval()
         self.batch_size = batch_size

@@ -171,6 +171,39 @@ def select_build(cpuinfo: str | None = None) -> str:
     return _BUILDS[-1][0]
 
 
+#: What Intel-compiled MCsquare builds print (and exit) on a CPU they refuse, e.g. any AMD CPU for the
+#: vector builds: their dispatcher checks the vendor as well as the instruction sets.
+_REFUSED_CPU = "Please verify that both the operating system and the processor support"
+_RUNNABLE: dict[Path, str] = {}
+
+
+def runnable_build(root: Path) -> str:
+    """The fastest installed build that actually runs here, probed once per process.
+
+    :func:`select_build` reads the CPU flags; the Intel-compiled vector builds also refuse CPUs of other
+    vendors with all the flags (seen on AMD EPYC with AVX-512), so each candidate, best first, is started
+    on a missing configuration file and the first that gets as far as looking for it is kept.
+    """
+    root = Path(root)
+    if root in _RUNNABLE:
+        return _RUNNABLE[root]
+    names = [b for b, _ in _BUILDS]
+    first = names.index(select_build())
+    for build in names[first:]:
+        binary = root / build
+        if not os.access(binary, os.X_OK):
+            continue
+        try:
+            proc = subprocess.run([str(binary), "dota-probe-no-such-config.txt"], capture_output=True, text=True,
+                                  timeout=30, cwd=tempfile.gettempdir())
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if _REFUSED_CPU not in proc.stdout + proc.stderr:
+            _RUNNABLE[root] = build
+            return build
+    raise EngineUnavailableError(f"no MCsquare build in {root} runs on this CPU: {_INSTALL_HINT}")
+
+
 @dataclass(frozen=True)
 class MCsquareInstall:
     """Where the pieces of an installed MCsquare are."""
@@ -194,9 +227,7 @@ def find_mcsquare(cache_dir: str | os.PathLike | None = None) -> MCsquareInstall
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if not (root / _MARKER).is_file():
         raise EngineUnavailableError(f"MCsquare is not installed in {root}: {_INSTALL_HINT}")
-    binary = root / select_build()
-    if not os.access(binary, os.X_OK):
-        raise EngineUnavailableError(f"MCsquare build {binary} is missing or not executable: {_INSTALL_HINT}")
+    binary = root / runnable_build(root)
     return MCsquareInstall(
         root=root,
         binary=binary,
@@ -627,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.install:
             root = install_mcsquare(args.cache_dir, wheel=args.wheel, force=args.force)
-            print(f"MCsquare installed in {root} (build {select_build()})")
+            print(f"MCsquare installed in {root} (build {runnable_build(root)})")
         if args.where:
             inst = find_mcsquare(args.cache_dir)
             print(f"{inst.root}\n{inst.binary}")

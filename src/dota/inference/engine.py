@@ -223,20 +223,24 @@ class InferenceEngine:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         model = self.model
         geometry, energies, g, e = self._inputs(geometry_hu, energies_mev)
+        base = model.base_dose_scaled(geometry, energies)
         if self.enabled:
-            out, _ = self._run(geometry, energies, g, e, batch_size)
+            out, _ = self._run(geometry, energies, g, e, batch_size, base=base)
         else:
             out = self._plain(g, e, batch_size)
+        if base is not None:
+            out = out + base
         return model.normalization.unscale_dose(out).clamp_min_(0).cpu().numpy()
 
     @torch.inference_mode()
     def predict_scaled(
         self, geometry_hu: Any, energies_mev: Any, batch_size: int = 16
     ) -> tuple[torch.Tensor, np.ndarray]:
-        """The engine's scaled dose before clamping (N, L, H, W) and the slices computed per beamlet (N,)."""
+        """The network's scaled output before clamping (N, L, H, W) and the slices computed per beamlet (N,)
+        (for a model with a base engine: the correction, without the base dose)."""
         self._check_mode()
         geometry, energies, g, e = self._inputs(geometry_hu, energies_mev)
-        return self._run(geometry, energies, g, e, batch_size)
+        return self._run(geometry, energies, g, e, batch_size, base=self.model.base_dose_scaled(geometry, energies))
 
     @torch.inference_mode()
     def compare_with_full_pass(self, geometry_hu: Any, energies_mev: Any, batch_size: int = 16) -> dict[str, float]:
@@ -251,11 +255,12 @@ class InferenceEngine:
         model = self.model
         geometry, energies, g, e = self._inputs(geometry_hu, energies_mev)
         n = max(1, g.shape[0])
+        base = model.base_dose_scaled(geometry, energies)  # the same for both paths: not timed
         t0 = time.perf_counter()
         ref = self._plain(g, e, batch_size)
         t1 = time.perf_counter()
         self.reset()
-        out, computed = self._run(geometry, energies, g, e, batch_size)
+        out, computed = self._run(geometry, energies, g, e, batch_size, base=base)
         t2 = time.perf_counter()
         self.reset()
         diff, tail = exactness(out, ref, computed)
@@ -288,7 +293,8 @@ class InferenceEngine:
         return out
 
     def _run(
-        self, geometry: np.ndarray, energies: np.ndarray, g: torch.Tensor, e: torch.Tensor, batch_size: int
+        self, geometry: np.ndarray, energies: np.ndarray, g: torch.Tensor, e: torch.Tensor, batch_size: int,
+        base: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, np.ndarray]:
         configure_allocator()
         self._refresh()
@@ -308,7 +314,7 @@ class InferenceEngine:
             else:
                 needed = self.required_slices(geometry, energies)
                 out, computed = self._run_grouped(geometry, g, e, needed, stats)
-                redo = self._unverified(out, computed) if self.verify_tail else np.zeros(0, np.int64)
+                redo = self._unverified(out, computed, base) if self.verify_tail else np.zeros(0, np.int64)
                 if redo.size:
                     full = np.full(redo.size, num_slices, dtype=np.int64)
                     redone, _ = self._run_grouped(geometry[redo], g[redo], e[redo], full, {})
@@ -320,15 +326,17 @@ class InferenceEngine:
         self.last_stats = stats
         return out, computed
 
-    def _unverified(self, out: torch.Tensor, computed: np.ndarray) -> np.ndarray:
+    def _unverified(self, out: torch.Tensor, computed: np.ndarray, base: torch.Tensor | None = None) -> np.ndarray:
         """Indices of truncated beamlets whose dose in the margin slices (the last ones computed) is
-        still above the cutoff: the truncation cannot be trusted for them."""
+        still above the cutoff: the truncation cannot be trusted for them. For a model with a base
+        engine, the network's correction there is compared with the maximum of the total dose."""
         num_slices = out.shape[1]
         window = max(1, int(np.ceil(self.margin_mm / float(self.model.config.voxel_mm[0]))))
         bad = []
         for i in np.flatnonzero(computed < num_slices):
             k = int(computed[i])
-            peak = float(out[i, :k].abs().max())
+            total = out[i, :k] if base is None else out[i, :k] + base[i, :k]
+            peak = float(total.abs().max())
             tail = float(out[i, max(0, k - window) : k].abs().max())
             if tail > self.cutoff_fraction * max(peak, 1e-30):
                 bad.append(i)
