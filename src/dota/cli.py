@@ -304,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-browser", action="store_true", help="do not open a browser; serve and print the URL")
     p.set_defaults(func=cmd_view)
 
+    # whole treatment plans (dota dose, dota plan): their parsers live beside their code
+    from dota.plan.cli import add_commands as add_plan_commands
+
+    add_plan_commands(sub, _add_common)
     return parser
 
 
