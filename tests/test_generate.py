@@ -206,3 +206,45 @@ def test_issue_acceptance_water_r80_matches_pstar(tmp_path, caplog):
                  "170x24x24", "--out", str(deep), "--no-progress"]) == 0
     r80 = distal_range_mm(read_dataset(deep).dose[0])
     assert abs(r80 - float(csda_range_mm(225.0))) <= 0.01 * float(csda_range_mm(225.0))
+
+
+def test_geometry_file_recomputes_the_blocks_a_user_brings(tmp_path: Path) -> None:
+    src = generate_dataset(tmp_path / "src.h5", **RUN)
+    out = generate_dataset(tmp_path / "re.h5", engine="analytic", geometry_file=src, seed=1, group_size=3, **SMALL)
+    a, b = read_dataset(src), read_dataset(out)
+    np.testing.assert_array_equal(a.geometry, b.geometry)
+    np.testing.assert_array_equal(a.energy, b.energy)
+    np.testing.assert_allclose(a.dose, b.dose, rtol=0, atol=1e-6 * a.dose.max())  # same engine: same dose
+    assert list(b.meta["source"]) == list(a.meta["source"])
+    with pytest.raises(InputError, match="--geometry"):
+        generate_dataset(tmp_path / "x.h5", engine="analytic", geometry_file=src, phantom="water", **SMALL)
+
+
+def test_split_keeps_patients_apart_and_balances_sites() -> None:
+    from dota.data.splits import patient_of, site_of, split_of
+
+    sources = resolve_sources(phantom="heterogeneous", ct="all")
+    by_split = {s: {patient_of(x) for x in sources if split_of(x) == s} for s in ("train", "val", "test")}
+    assert not (by_split["train"] & by_split["val"]) and not (by_split["train"] & by_split["test"])
+    assert not (by_split["val"] & by_split["test"])
+    assert {"liver_cort", "thorax_totalseg"} <= by_split["test"]
+    assert "phantom_heterogeneous" in by_split["train"]
+    # both thorax crops are one patient
+    assert len({patient_of(x) for x in sources if "thorax" in x}) == 1
+    train = [s for s in sources if split_of(s) == "train"]
+    specs = make_specs(400, train, 0, energy_range_mev=(70, 220), balance_sites=True)
+    counts: dict[str, int] = {}
+    for spec in specs:
+        counts[site_of(spec.source)] = counts.get(site_of(spec.source), 0) + 1
+    assert len(counts) >= 3 and max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_manifest_written_beside_the_output(tmp_path: Path) -> None:
+    import json
+
+    from dota.generate import manifest_path_for
+
+    out = generate_dataset(tmp_path / "m.h5", command="dota generate ...", **RUN)
+    manifest = json.loads(manifest_path_for(out).read_text())
+    assert manifest["generation"]["seed"] == 5 and manifest["command"] == "dota generate ..."
+    assert manifest["engine_version"] and manifest["rate_beamlets_per_hour"] > 0

@@ -88,6 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         energies=parse_energies(args.energies) if args.energies else None,
         energy_range_mev=parse_energy_range(args.energy_range) if args.energy_range else None,
         phantom=args.phantom, ct=args.ct.split(",") if args.ct else None, split=args.split,
+        geometry_file=args.geometry,
         balance_sites=args.balance_sites, seed=args.seed,
         resume=args.resume, workers=args.workers, ray_address=args.ray_address, group_size=args.group_size,
         block_shape=args.block_shape, progress=not args.no_progress, command="dota " + " ".join(sys.argv[1:]),
@@ -236,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balance-sites", action="store_true",
                    help="give every anatomical site (head and neck, thorax, abdomen, pelvis, limb, phantom) "
                    "the same share of beamlets")
-    en = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--geometry", type=Path, metavar="BLOCKS.h5",
+                   help="recompute the dose of the blocks (and energies) of this dataset file, e.g. Monte Carlo "
+                   "for blocks you bring, instead of sampling phantoms or CT")
+    en = p.add_mutually_exclusive_group()
     en.add_argument("--energies", help="comma-separated energies in MeV, cycled over the beamlets")
     en.add_argument("--energy-range", help="LO:HI in MeV, sampled uniformly per beamlet")
     p.add_argument("-n", "--num-beamlets", type=int, help="number of beamlets (default: one per listed energy)")

@@ -27,6 +27,7 @@ from dota.data.hdf5 import BeamletFile, write_dataset
 from dota.engines.base import DoseEngine, get_engine
 from dota.errors import DataFileError, InputError
 from dota.evaluation.gamma import GammaCriteria, paper_gamma
+from dota.data.splits import patient_of, site_of
 from dota.evaluation.metrics import range_error_mm, relative_error_percent, summarize
 
 
@@ -91,6 +92,7 @@ def evaluate(
         predictions = np.zeros((n, *f.block_shape), np.float32) if save_predictions else None
         geometry = np.zeros((n, *f.block_shape), f.geometry.dtype) if save_predictions else None
         engine_seconds = 0.0
+        sources = f.meta.get("source")
         bar = _progress(n, progress, "evaluating")
         for s in range(0, n, batch_size):
             chunk = f.load(slice(s, min(n, s + batch_size)))
@@ -111,6 +113,9 @@ def evaluate(
                     "max_dose_eval": float(ev.max()),
                     "pass_rate_percent": {},
                 }
+                if sources is not None:
+                    row["source"] = str(sources[s + j])
+                    row["patient"], row["site"] = patient_of(row["source"]), site_of(row["source"])
                 for c in crits:
                     g = paper_gamma(ref, ev, voxel_mm, c)
                     row["pass_rate_percent"][c.name] = g.pass_rate_percent
@@ -131,6 +136,8 @@ def evaluate(
         "relative_error_percent": summarize(np.array([r["relative_error_percent"] for r in per_beamlet])),
         "range_error_mm": summarize(np.array([r["range_error_mm"] for r in per_beamlet])),
         "engine_ms_per_beamlet": 1e3 * engine_seconds / n,
+        "by_site": _grouped(per_beamlet, crits, lambda r: r.get("site")),
+        "by_energy": _grouped(per_beamlet, crits, _energy_band),
     }
     from dota import __version__
 
@@ -173,6 +180,34 @@ def evaluate(
     if plots:
         plot_evaluation(result, out_dir)
     return result
+
+
+#: Energy bands (MeV) of the per-energy summary: lower edges; the last band is open above.
+ENERGY_BANDS_MEV: tuple[float, ...] = (70.0, 100.0, 130.0, 160.0, 190.0)
+
+
+def _energy_band(row: dict[str, Any]) -> str:
+    edges = ENERGY_BANDS_MEV
+    k = max(0, int(np.searchsorted(edges, row["energy_mev"], side="right")) - 1)
+    return f"{edges[k]:g}-{edges[k + 1]:g} MeV" if k + 1 < len(edges) else f">={edges[k]:g} MeV"
+
+
+def _grouped(rows: list[dict[str, Any]], crits: list, key) -> dict[str, Any]:
+    """Summaries of gamma, relative error and range error per group (site or energy band)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        k = key(r)
+        if k is not None:
+            groups.setdefault(str(k), []).append(r)
+    return {
+        k: {
+            "beamlets": len(g),
+            "gamma": {c.name: summarize(np.array([r["pass_rate_percent"][c.name] for r in g])) for c in crits},
+            "relative_error_percent": summarize(np.array([r["relative_error_percent"] for r in g])),
+            "range_error_mm": summarize(np.array([r["range_error_mm"] for r in g])),
+        }
+        for k, g in sorted(groups.items())
+    }
 
 
 def _progress(total: int, enabled: bool, desc: str):

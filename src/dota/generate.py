@@ -191,6 +191,15 @@ def build_geometry(spec: BeamletSpec, block_shape: tuple[int, int, int] = BLOCK_
 
         block = make_phantom(name, rng, block_shape, voxel_mm)
         meta = {"source": spec.source, "gantry_deg": 0.0, "couch_deg": 0.0, "spot_offset_mm": (0.0, 0.0)}
+    elif kind == "blocks":
+        path, _, index = name.rpartition("#")
+        block = _blocks_file_block(path, int(index))
+        if tuple(block.shape) != tuple(block_shape):
+            raise InputError(f"{path} holds blocks of {tuple(block.shape)}, not {tuple(block_shape)}: "
+                             f"pass --block-shape {'x'.join(str(v) for v in block.shape)}")
+        meta = {"source": f"blocks:{Path(path).name}#{index}", "gantry_deg": 0.0, "couch_deg": 0.0,
+                "spot_offset_mm": (0.0, 0.0)}
+        meta.update(_blocks_file_meta(path, int(index)))
     elif kind == "ct":
         from dota.data.ct import extract_bev_block, sample_beamlet_pose
 
@@ -203,6 +212,47 @@ def build_geometry(spec: BeamletSpec, block_shape: tuple[int, int, int] = BLOCK_
     else:
         raise InputError(f"unknown geometry source {spec.source!r}")
     return np.rint(np.clip(block, *HU_CLIP)).astype(np.int16), meta
+
+
+def _blocks_file_block(path: str, index: int) -> np.ndarray:
+    from dota.data.hdf5 import BeamletFile
+
+    with BeamletFile(path) as f:
+        return np.asarray(f.geometry[index], dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _blocks_file_meta_all(path: str) -> dict[str, np.ndarray]:
+    from dota.data.hdf5 import BeamletFile
+
+    with BeamletFile(path) as f:
+        return f.meta
+
+
+def _blocks_file_meta(path: str, index: int) -> dict[str, Any]:
+    """The pose metadata a user's blocks file carries (source, angles, offset), where it has them."""
+    meta = _blocks_file_meta_all(path)
+    found: dict[str, Any] = {}
+    for key in ("source", "gantry_deg", "couch_deg"):
+        if key in meta:
+            found[key] = meta[key][index].item() if hasattr(meta[key][index], "item") else meta[key][index]
+    if "spot_offset_mm" in meta:
+        found["spot_offset_mm"] = tuple(float(v) for v in np.asarray(meta["spot_offset_mm"][index]).reshape(-1)[:2])
+    return found
+
+
+def geometry_file_specs(path: str | os.PathLike, seed: int, n_beamlets: int | None = None) -> list[BeamletSpec]:
+    """One beamlet per block of a user's dataset file (its own energy), for recomputing its dose."""
+    from dota.data.hdf5 import BeamletFile
+
+    path = Path(path).expanduser().resolve()
+    with BeamletFile(path) as f:
+        energies = np.asarray(f.energy, dtype=np.float64)
+    if len(energies) == 0:
+        raise InputError(f"{path} holds no blocks")
+    count = len(energies) if n_beamlets is None else min(int(n_beamlets), len(energies))
+    return [BeamletSpec(index=i, energy_mev=round(float(energies[i]), 3), source=f"blocks:{path}#{i}",
+                        master_seed=int(seed)) for i in range(count)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -304,6 +354,7 @@ def generate_dataset(
     ct: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     split: str | None = None,
     balance_sites: bool = False,
+    geometry_file: str | os.PathLike | None = None,
     seed: int = 0,
     resume: bool = False,
     workers: int = 1,
@@ -332,6 +383,9 @@ def generate_dataset(
         :data:`dota.data.splits.PATIENT_SPLIT`): patients never cross splits.
     balance_sites
         Give every anatomical site the same share of beamlets (:func:`make_specs`).
+    geometry_file
+        A dataset file whose blocks (and energies) to recompute with ``engine`` instead of sampling
+        geometry: e.g. Monte Carlo for blocks a user brings. Excludes phantom, ct and energies.
     resume
         Continue a run whose parts folder exists (same arguments required); without it, an existing
         parts folder or output file is an error.
@@ -348,13 +402,20 @@ def generate_dataset(
     """
     out = Path(out_path)
     engine_kwargs = dict(engine_kwargs or {})
-    sources = resolve_sources(phantom, ct)
-    if split is not None:
-        from dota.data.splits import select_split
+    if geometry_file is not None:
+        if phantom is not None or ct is not None or energies is not None or energy_range_mev is not None:
+            raise InputError("--geometry takes the blocks and energies of its file: "
+                             "do not combine it with --phantom, --ct, --energies or --energy-range")
+        specs = geometry_file_specs(geometry_file, seed, n_beamlets)
+        sources = [f"blocks:{Path(geometry_file).expanduser().resolve()}"]
+    else:
+        sources = resolve_sources(phantom, ct)
+        if split is not None:
+            from dota.data.splits import select_split
 
-        sources = select_split(sources, split)
-    specs = make_specs(n_beamlets, sources, seed, energies=energies, energy_range_mev=energy_range_mev,
-                       balance_sites=balance_sites)
+            sources = select_split(sources, split)
+        specs = make_specs(n_beamlets, sources, seed, energies=energies, energy_range_mev=energy_range_mev,
+                           balance_sites=balance_sites)
     if group_size is None:
         group_size = _DEFAULT_GROUP_SIZE.get(engine, _DEFAULT_GROUP_SIZE_OTHER)
     if int(group_size) < 1:
