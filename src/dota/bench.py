@@ -122,6 +122,19 @@ def spread(values_ms: Sequence[float]) -> dict[str, float]:
     }
 
 
+class _DoseEngineRunner:
+    """A :class:`~dota.engines.base.DoseEngine` (e.g. the analytic pencil beam) timed like a variant."""
+
+    def __init__(self, engine, voxel_mm) -> None:
+        self.engine, self.voxel_mm = engine, voxel_mm
+
+    def predict(self, g: np.ndarray, e: np.ndarray, batch_size: int = 1) -> np.ndarray:
+        return self.engine.dose(g, e, self.voxel_mm)
+
+    def reset(self) -> None:
+        pass
+
+
 class _Bench:
     """Model, the two variants and the bookkeeping shared by the scenarios."""
 
@@ -132,6 +145,7 @@ class _Bench:
         self.analytic = analytic
         self.num_slices = model.config.block_shape[0]
         self.variants: dict[str, Any] = {}
+        self.reference_variants: list[str] = []  # engines timed beside the model (the analytic pencil beam)
 
     def rng(self, name: str) -> np.random.Generator:
         return np.random.default_rng([self.seed, sum(map(ord, name))])
@@ -185,6 +199,7 @@ class _Bench:
             self._call(v, g0, e0)
         diff = tail = 0.0
         computed = total = 0
+        recomputed = truncated_requests = plain_path = engine_requests = 0
         cache_bytes = 0
         bar = tqdm(total=repeats * len(requests), desc=name, disable=not self.progress, leave=False)
         for rep in range(repeats):
@@ -196,7 +211,14 @@ class _Bench:
                 for which in order:
                     out[which], ms = self._call(which, g, e)
                     (base_ms if which == "baseline" else eng_ms).append(ms / len(e))
-                done = np.asarray(self.engine.last_stats["computed"])
+                stats = self.engine.last_stats
+                done = np.asarray(stats["computed"])
+                engine_requests += 1
+                if stats.get("path") == "plain":
+                    plain_path += 1
+                else:
+                    recomputed += int(stats.get("recomputed", 0))
+                    truncated_requests += len(e)
                 for v in variants:
                     self.variants[v].reset()
                     more_ms[v].append(self._call(v, g, e)[1] / len(e))
@@ -222,6 +244,8 @@ class _Bench:
             "max_abs_diff_rel": diff,
             "tail_rel": tail,
             "computed_fraction": computed / max(1, total),
+            "tail_check_recomputed_fraction": recomputed / truncated_requests if truncated_requests else None,
+            "plain_path_fraction": plain_path / max(1, engine_requests),
             "warmup_ms": {"baseline": warm_b / len(e0), "engine": warm_e / len(e0)},
             "cache_bytes": int(cache_bytes),
             "cache_stats": _jsonable(_stats_delta(before, self.engine.cache_stats())),
@@ -327,7 +351,7 @@ def scenario_single(b: _Bench) -> dict[str, Any]:
     g = b.phantoms([PHANTOM_MIX[i % len(PHANTOM_MIX)] for i in range(n)], rng)
     e = b.energies(rng, n)
     requests = [(g[i : i + 1], e[i : i + 1]) for i in range(n)]
-    res = b.run("single", requests, repeats=1, variants=["kernels_only"])
+    res = b.run("single", requests, repeats=1, variants=["kernels_only", *b.reference_variants])
     res["description"] = (
         f"{n} beamlets, one per request, mixed phantoms, energies 70-220 MeV; kernels_only: the engine "
         "with truncation and caches off (every slice, faster kernels and allocator only)"
@@ -342,7 +366,7 @@ def scenario_energy_sweep(b: _Bench) -> dict[str, Any]:
     lo, hi = b.model.normalization.energy_range_mev
     e = np.clip(SWEEP_ENERGIES_MEV, lo, hi).astype(np.float32)  # within the model's trained range
     request = (np.repeat(geo, len(e), axis=0), e)
-    res = b.run("energy_sweep", [request], repeats=b.sizes.sweep_repeats)
+    res = b.run("energy_sweep", [request], repeats=b.sizes.sweep_repeats, variants=b.reference_variants)
     res["description"] = f"one heterogeneous geometry, {len(e)} energies 70-220 MeV in one request"
     res["margins"] = b.margins([request], len(e))
     return res
@@ -366,7 +390,7 @@ def plan_requests(b: _Bench) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def scenario_plan(b: _Bench) -> dict[str, Any]:
     requests = plan_requests(b)
-    res = b.run("plan", requests, repeats=1)
+    res = b.run("plan", requests, repeats=1, variants=b.reference_variants)
     layers = [len(e) for _, e in requests]
     res["description"] = (
         f"{len(requests)} spots (heterogeneous, lung, bone, slab phantoms), {min(layers)}-{max(layers)} energy "
@@ -462,7 +486,7 @@ SCENARIO_FUNCS: dict[str, Callable[[_Bench], dict[str, Any]]] = {
 def run_benchmark(
     out_dir: str | Path,
     *,
-    model: Any = "paper",
+    model: Any = "default",
     quick: bool = False,
     scenarios: Sequence[str] | None = None,
     seed: int = 0,
@@ -480,7 +504,8 @@ def run_benchmark(
     Parameters
     ----------
     model : str or DoTA
-        A preset name (random weights, ``seed``), a checkpoint path, or a model.
+        ``"default"`` (the shipped trained model), a checkpoint path, a preset name (random weights,
+        ``seed``: on request only), or a model.
     quick : bool
         Small scenarios (under 2 minutes for the paper preset on 2 cores).
     scenarios : names from :data:`SCENARIOS` (default all).
@@ -511,7 +536,10 @@ def run_benchmark(
     net.eval()
     # Random weights put "dose" everywhere, so the tail check would recompute every beamlet in full:
     # for them the benchmark times the truncated engine and reports the tail separately (tail_rel).
-    random_weights = isinstance(model, str) and not Path(model).is_file()
+    from dota.checkpoint import DEFAULT_MODEL
+    from dota.model import PRESETS
+
+    random_weights = isinstance(model, str) and model != DEFAULT_MODEL and model in PRESETS
     engine = InferenceEngine(net, precision=precision, compile=compile, verify_tail=not random_weights)
     baseline = InferenceEngine(net)
     baseline.enabled = False
@@ -523,6 +551,9 @@ def run_benchmark(
         log.warning("analytic engine unavailable (%s): no truncation margin check", exc)
         analytic = None
     bench = _Bench(net, engine, baseline, sizes or (QUICK if quick else FULL), seed, batch_size, progress, analytic)
+    if analytic is not None:
+        bench.variants["analytic"] = _DoseEngineRunner(analytic, net.config.voxel_mm)
+        bench.reference_variants.append("analytic")
     bench.variants["kernels_only"] = InferenceEngine(
         net, truncation="none", share_geometry=False, geometry_cache_bytes=0, prefix_cache_bytes=0,
         precision=precision, compile=compile,
@@ -569,6 +600,7 @@ def run_benchmark(
             "prefix_cache_max_bytes": engine.prefix_cache.max_bytes if engine.prefix_cache else 0,
         },
         "cold_start_ms": cold,
+        "path_decisions": engine.chooser.decisions() if engine.path == "auto" else {"all requests": engine.path},
         "quick": quick,
         "seed": seed,
         "command": command or f"run_benchmark({str(out_dir)!r}, model={source!r}, quick={quick})",
@@ -693,6 +725,16 @@ def summary_markdown(report: dict[str, Any]) -> str:
             )
         if r.get("hit_rate") is not None:
             lines.append(f"  Prefix-cache block hit rate {100 * r['hit_rate']:.0f} %.")
+        if "analytic_ms" in r:
+            lines.append(f"  Analytic pencil-beam engine on the same requests: {_ms(r['analytic_ms'])} ms per beamlet.")
+        if r.get("tail_check_recomputed_fraction") is not None or r.get("plain_path_fraction"):
+            rec = r.get("tail_check_recomputed_fraction")
+            lines.append(
+                f"  Requests the engine sent to the plain pass (auto path): {100 * r.get('plain_path_fraction', 0):.0f} %"
+                + ("" if rec is None else f"; beamlets its tail check recomputed in full: {100 * rec:.0f} %") + ".")
+    if report.get("path_decisions"):
+        lines += ["", "Engine path per kind of request (auto: the faster of the truncated, cached engine and "
+                  "the plain pass, measured): " + "; ".join(f"{k}: {v}" for k, v in report["path_decisions"].items()) + "."]
     margins = [(r["name"], r["margins"]) for r in report["scenarios"] if r.get("margins")]
     if margins:
         lines += [

@@ -58,6 +58,7 @@ from dota.validation import check_beamlets
 log = logging.getLogger(__name__)
 
 TRUNCATION_MODES = ("physics", "stream", "none")
+PATHS = ("auto", "engine", "plain")
 PRECISIONS = ("fp32", "bf16")
 MIB = 1024 * 1024
 #: Decoder input rows gathered before a decode pass (across geometries of one request).
@@ -100,6 +101,12 @@ class InferenceEngine:
         ``torch.compile`` the per-slice encoder and decoder chunks (opt-in; slower on CPU here).
     channels_last : bool
         Channels-last convolutions.
+    path : {"auto", "engine", "plain"}
+        What :meth:`predict` runs. ``"engine"``: always the truncated, cached path; ``"plain"``: always
+        the model's full pass; ``"auto"`` (default): whichever has been faster for this kind of request
+        (:class:`PathChooser`), so the engine is never slower than the plain pass for a model where
+        truncation and caching do not pay (a small model, or one whose tail check recomputes most
+        beamlets). Both return the plain pass's dose on every slice the engine computes (the tested bound).
     """
 
     def __init__(
@@ -119,9 +126,12 @@ class InferenceEngine:
         precision: str = "fp32",
         compile: bool = False,
         channels_last: bool = True,
+        path: str = "auto",
     ) -> None:
         if truncation not in TRUNCATION_MODES:
             raise InputError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+        if path not in PATHS:
+            raise InputError(f"path must be one of {PATHS}, got {path!r}")
         if precision not in PRECISIONS:
             raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if not (np.isfinite(margin_mm) and margin_mm >= 0):
@@ -143,6 +153,8 @@ class InferenceEngine:
         self.geometry_cache = ByteLRU(geometry_cache_bytes)
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block_slices) if prefix_cache_bytes > 0 else None
         self.last_stats: dict[str, Any] = {}
+        self.path = path
+        self.chooser = PathChooser()
         self._signature: tuple | None = None
         self._fingerprint: bytes | None = None
         self._codec: SliceCodec | None = None
@@ -223,11 +235,23 @@ class InferenceEngine:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         model = self.model
         geometry, energies, g, e = self._inputs(geometry_hu, energies_mev)
+        t0 = time.perf_counter()
         base = model.base_dose_scaled(geometry, energies)
-        if self.enabled:
+        which = "plain" if not self.enabled else self.path
+        key = None
+        if which == "auto":
+            key = self.chooser.key(geometry)
+            which = self.chooser.choose(key)
+        if which == "engine":
             out, _ = self._run(geometry, energies, g, e, batch_size, base=base)
         else:
             out = self._plain(g, e, batch_size)
+            self.last_stats = {"beamlets": len(energies), "truncation": "none", "recomputed": 0,
+                               "computed": np.full(len(energies), g.shape[1], dtype=np.int64),
+                               "computed_fraction": 1.0}
+        self.last_stats["path"] = which
+        if key is not None:
+            self.chooser.record(key, which, (time.perf_counter() - t0) / max(1, len(energies)))
         if base is not None:
             out = out + base
         return model.normalization.unscale_dose(out).clamp_min_(0).cpu().numpy()
@@ -433,6 +457,59 @@ class InferenceEngine:
         return out, dec.slices_done
 
 
+class PathChooser:
+    """Picks the faster of the engine path and the plain pass, per kind of request, from measurements.
+
+    A request's kind is whether some of its beamlets share a geometry (energy layers of a spot) and the
+    power of two of its size. For each kind the engine path runs first (twice: the first call pays
+    one-time costs), then the plain pass (twice); from then on the faster one by its best recent time
+    per beamlet, re-measuring the other every ``probe_every`` requests so a change (warm caches, a
+    model that learned where beams stop) is noticed.
+    """
+
+    def __init__(self, probe_every: int = 32, samples: int = 2, keep: int = 5) -> None:
+        self.probe_every, self.samples, self.keep = int(probe_every), int(samples), int(keep)
+        self.times: dict[tuple, dict[str, list[float]]] = {}
+        self.calls: dict[tuple, int] = {}
+
+    @staticmethod
+    def key(geometry: np.ndarray) -> tuple[str, int]:
+        n = len(geometry)
+        if n > 1:
+            flat = np.ascontiguousarray(geometry).reshape(n, -1)
+            shared = len({hashlib.sha256(row.data).digest() for row in flat}) < n
+        else:
+            shared = False
+        return ("shared" if shared else "distinct", int(np.ceil(np.log2(max(1, n)))))
+
+    def choose(self, key: tuple) -> str:
+        t = self.times.setdefault(key, {"engine": [], "plain": []})
+        count = self.calls.get(key, 0)
+        self.calls[key] = count + 1
+        for path in ("engine", "plain"):
+            if len(t[path]) < self.samples:
+                return path
+        best = min(("engine", "plain"), key=lambda p: min(t[p]))
+        if count % self.probe_every == 0:
+            return "plain" if best == "engine" else "engine"
+        return best
+
+    def record(self, key: tuple, path: str, seconds_per_beamlet: float) -> None:
+        samples = self.times.setdefault(key, {"engine": [], "plain": []})[path]
+        samples.append(float(seconds_per_beamlet))
+        del samples[: -self.keep]
+
+    def decisions(self) -> dict[str, str]:
+        """The path each kind of request takes now, with the best time per beamlet of both (ms)."""
+        out = {}
+        for key, t in self.times.items():
+            if t["engine"] and t["plain"]:
+                e, p = min(t["engine"]) * 1e3, min(t["plain"]) * 1e3
+                out[f"{key[0]}, up to {2 ** key[1]} beamlets"] = (
+                    f"{'engine' if e <= p else 'plain'} (engine {e:.1f} ms, plain {p:.1f} ms per beamlet)")
+        return out
+
+
 def exactness(out: torch.Tensor, ref: torch.Tensor, computed: np.ndarray) -> tuple[float, float]:
     """(max |out - ref| over the computed slices, max of ``ref`` beyond them), each relative to the
     beamlet's maximum.
@@ -453,4 +530,4 @@ def exactness(out: torch.Tensor, ref: torch.Tensor, computed: np.ndarray) -> tup
     return diff, tail
 
 
-__all__ = ["InferenceEngine", "exactness", "TRUNCATION_MODES", "PRECISIONS"]
+__all__ = ["InferenceEngine", "PathChooser", "exactness", "TRUNCATION_MODES", "PRECISIONS", "PATHS"]
