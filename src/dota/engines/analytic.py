@@ -29,7 +29,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import special
+import torch
 
 from dota.constants import ENGINE_ENERGY_RANGE_MEV, PRIMARIES_UNIT, VOXEL_MM
 from dota.engines.base import DoseEngine, register_engine
@@ -56,11 +56,20 @@ def _lattice_weights(count: int, spacing_mm: float, sigma_mm: float) -> np.ndarr
     return weights[pad : pad + count] / weights.sum()
 
 
-def _lateral_profiles(centre_mm: np.ndarray, sigma_mm: np.ndarray, count: int, spacing_mm: float) -> np.ndarray:
-    """Gaussian density (1/mm) averaged over each of ``count`` voxels: (D, K) centres/widths -> (D, K, count)."""
-    edges = (np.arange(count + 1) - count / 2.0) * spacing_mm
-    cdf = special.ndtr((edges[None, None, :] - centre_mm[None, :, None]) / sigma_mm[:, :, None])
-    return np.diff(cdf, axis=-1) / spacing_mm
+def _lateral_profiles(centre_mm: np.ndarray, sigma_mm: np.ndarray, count: int, spacing_mm: float) -> torch.Tensor:
+    """Gaussian density (1/mm) averaged over each of ``count`` voxels: (K,) centres, (D, K) widths ->
+    (D, K, count) float32.
+
+    The voxel integral is a difference of complementary error functions, taken on the side of the
+    Gaussian where both are small (``erfc(a) - erfc(b) = erfc(-b) - erfc(-a)``), so float32 keeps its
+    relative precision in both tails. float32 erfc in torch is about 20x faster than scipy's float64
+    ``ndtr`` and was 70 % of this engine's time."""
+    edges = torch.from_numpy((np.arange(count + 1) - count / 2.0) * spacing_mm).float()
+    scale = torch.from_numpy(1.0 / (math.sqrt(2.0) * sigma_mm)).float()[:, :, None]  # (D, K, 1)
+    t = (edges[None, None, :] - torch.from_numpy(centre_mm).float()[None, :, None]) * scale  # (D, K, count+1)
+    lo, hi = t[..., :-1], t[..., 1:]
+    side = 1.0 - 2.0 * ((lo + hi) < 0).float()  # on the left of the centre (-1) erfc(-hi) - erfc(-lo) is the small difference
+    return (torch.erfc(lo * side) - torch.erfc(hi * side)).abs_().mul_(0.5 / spacing_mm)
 
 
 @register_engine("analytic")
@@ -138,5 +147,5 @@ class AnalyticEngine(DoseEngine):
         mcs = mcs_sigma_mm(rsp[:depth_count], energy_mev, dz)
         profile_y = _lateral_profiles(centre_y, np.sqrt(sub_y**2 + mcs**2), rows, dy)  # (D, K, H)
         profile_x = _lateral_profiles(centre_x, np.sqrt(sub_x**2 + mcs**2), cols, dx)  # (D, K, W)
-        dose = np.matmul((profile_y * idd[:, :, None]).transpose(0, 2, 1), profile_x)
-        out[:depth_count] = dose * _GY_PER_1E9
+        weighted = profile_y * torch.from_numpy(idd * _GY_PER_1E9).float()[:, :, None]
+        out[:depth_count] = torch.bmm(weighted.transpose(1, 2), profile_x).numpy()
