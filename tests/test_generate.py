@@ -248,3 +248,12 @@ def test_manifest_written_beside_the_output(tmp_path: Path) -> None:
     manifest = json.loads(manifest_path_for(out).read_text())
     assert manifest["generation"]["seed"] == 5 and manifest["command"] == "dota generate ..."
     assert manifest["engine_version"] and manifest["rate_beamlets_per_hour"] > 0
+
+
+def test_workers_return_to_the_drivers_priority() -> None:
+    """Ray starts workers at niceness 15; a worker raises its priority back to the driver's where allowed."""
+    code = ("import os; from dota.generate import _match_priority; os.nice(15); _match_priority(0); "
+            "print(os.getpriority(os.PRIO_PROCESS, 0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    nice = int(out.strip())
+    assert nice == (0 if os.geteuid() == 0 else 15)

@@ -1,4 +1,5 @@
-"""Models that learn a correction to the analytic pencil beam (``base_engine="analytic"``).
+"""Models that learn a correction to the analytic pencil beam (``base_engine="analytic"``), from the CT
+alone (``-res`` presets) or with the analytic dose as an input channel too (``-pb``, ``base_input``).
 
 The engine adds the same base dose to its output and to the plain pass's, so the exactness bound of
 every other path holds for the total dose; an untrained model (zero output layer) is the analytic engine.
@@ -12,7 +13,19 @@ from dota.engines import get_engine
 from dota.inference import InferenceEngine
 from dota.model import PRESETS, DoTA, Normalization, init_weights
 
-from .helpers import TOL, full_pass, phantoms
+from .helpers import TOL, phantoms
+
+PRESETS_WITH_BASE = ["tiny-res", "tiny-pb"]
+
+
+def full_pass(model: DoTA, geometry_hu: np.ndarray, energies_mev: np.ndarray) -> torch.Tensor:
+    """The plain forward pass of the network on its own inputs (scaled CT, and the base dose for -pb)."""
+    norm = model.normalization
+    with torch.inference_mode():
+        g = norm.scale_geometry(torch.from_numpy(np.asarray(geometry_hu, np.float32)))
+        e = norm.scale_energy(torch.from_numpy(np.asarray(energies_mev, np.float32)))
+        x = model.network_input(g, model.base_dose_scaled(geometry_hu, energies_mev))
+        return torch.cat([model(x[i : i + 2], e[i : i + 2]) for i in range(0, len(g), 2)])
 
 
 def _model(preset: str, perturb: bool) -> DoTA:
@@ -29,20 +42,23 @@ def _request() -> tuple[np.ndarray, np.ndarray]:
     return g, np.array([80.0, 140.0, 200.0, 120.0, 170.0], np.float32)
 
 
-def test_untrained_model_is_the_analytic_engine():
+@pytest.mark.parametrize("preset", PRESETS_WITH_BASE)
+def test_untrained_model_is_the_analytic_engine(preset):
     g, e = _request()
-    model = _model("tiny-pb", perturb=False)
+    model = _model(preset, perturb=False)
     analytic = get_engine("analytic").dose(g, e)
     np.testing.assert_allclose(model.predict(g, e), analytic, rtol=0, atol=1e-6 * analytic.max())
 
 
-@pytest.mark.parametrize("mode", [{}, {"prefix_cache_bytes": 0}, {"truncation": "none"}, {"share_geometry": False}])
-def test_total_dose_equals_plain_pass_plus_base(mode):
+@pytest.mark.parametrize("preset", PRESETS_WITH_BASE)
+@pytest.mark.parametrize("mode", [{}, {"prefix_cache_bytes": 0}, {"truncation": "none"}, {"share_geometry": False},
+                                  {"truncation": "stream"}])
+def test_total_dose_equals_plain_pass_plus_base(mode, preset):
     g, e = _request()
-    model = _model("tiny-pb", perturb=True)
+    model = _model(preset, perturb=True)
     base = model.base_dose_scaled(g, e)
     ref = (full_pass(model, g, e) + base).clamp_min(0) * model.normalization.dose_max
-    engine = InferenceEngine(model, **mode)
+    engine = InferenceEngine(model, path="engine", **mode)
     for _ in range(2):  # cold and warm caches
         out = torch.from_numpy(engine.predict(g, e))
         for i in range(len(e)):
@@ -54,10 +70,23 @@ def test_total_dose_equals_plain_pass_plus_base(mode):
                 assert float(out[i, k:].abs().max()) <= TOL * scale
 
 
+def test_energy_input_model_shares_no_work_between_energies():
+    """With the base dose as input the encoder depends on the energy: one geometry at two energies must
+    not share the encoder (the engine would return the first energy's dose for both)."""
+    g, e = _request()
+    model = _model("tiny-pb", perturb=True)
+    engine = InferenceEngine(model, path="engine", prefix_cache_bytes=0)
+    groups, _ = engine._groups(g, torch.from_numpy(e))
+    assert all(len(grp) == 1 for grp in groups)
+    same = np.repeat(g[:1], 2, 0)
+    groups, _ = engine._groups(same, torch.tensor([0.5, 0.5]))
+    assert groups == [[0, 1]]  # identical beamlets still share
+
+
 def test_tail_check_uses_the_total_dose():
     """A correction of 1e-4 of the total maximum in the margin is not a reason to recompute in full."""
     g, e = _request()
-    model = _model("tiny-pb", perturb=True)
+    model = _model("tiny-res", perturb=True)
     engine = InferenceEngine(model)
     net, computed = engine.predict_scaled(g, e)
     base = model.base_dose_scaled(g, e)

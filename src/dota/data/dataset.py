@@ -41,6 +41,9 @@ class BeamletDataset(Dataset):
         (:attr:`dota.model.DoTAConfig.base_engine`): the base dose of every beamlet is computed once
         (about 30 ms each, kept in memory) and the item's dose target is the scaled Monte Carlo dose
         minus the scaled base dose.
+    base_input
+        Also stack the scaled base dose as a second input channel: items' geometry is (L, 2, H, W)
+        (:attr:`dota.model.DoTAConfig.base_input`).
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class BeamletDataset(Dataset):
         flips: bool = False,
         seed: int = 0,
         base_engine: str = "",
+        base_input: bool = False,
         progress: bool = False,
     ) -> None:
         self.paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
@@ -75,6 +79,9 @@ class BeamletDataset(Dataset):
         if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= total):
             raise DataFileError(f"indices out of range for {total} beamlets")
         self.base_engine = base_engine
+        self.base_input = bool(base_input)
+        if self.base_input and not base_engine:
+            raise DataFileError("base_input needs a base_engine")
         self._base: np.ndarray | None = None
         if base_engine:
             self._base = self._compute_base(progress)
@@ -118,14 +125,20 @@ class BeamletDataset(Dataset):
         g = norm.scale_geometry(torch.from_numpy(geometry))
         e = norm.scale_energy(torch.tensor(energy, dtype=torch.float32))
         d = norm.scale_dose(torch.from_numpy(dose))
+        base = None
         if self._base is not None:
-            d = d - torch.from_numpy(self._base[i])
+            base = torch.from_numpy(self._base[i])
+            d = d - base
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, int(self.indices[i])])
             k = int(rng.integers(4))
             g, d = torch.rot90(g, k, dims=(1, 2)), torch.rot90(d, k, dims=(1, 2))
+            base = None if base is None else torch.rot90(base, k, dims=(1, 2))
             if self.flips and rng.integers(2):
                 g, d = torch.flip(g, dims=(2,)), torch.flip(d, dims=(2,))
+                base = None if base is None else torch.flip(base, dims=(2,))
+        if self.base_input:
+            g = torch.stack([g, base], dim=1)  # (L, 2, H, W): the model's network input
         return g.contiguous(), e, d.contiguous()
 
     def set_epoch(self, epoch: int) -> None:

@@ -234,9 +234,8 @@ class InferenceEngine:
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         model = self.model
-        geometry, energies, g, e = self._inputs(geometry_hu, energies_mev)
         t0 = time.perf_counter()
-        base = model.base_dose_scaled(geometry, energies)
+        geometry, energies, g, e, base = self._inputs(geometry_hu, energies_mev)
         which = "plain" if not self.enabled else self.path
         key = None
         if which == "auto":
@@ -263,8 +262,8 @@ class InferenceEngine:
         """The network's scaled output before clamping (N, L, H, W) and the slices computed per beamlet (N,)
         (for a model with a base engine: the correction, without the base dose)."""
         self._check_mode()
-        geometry, energies, g, e = self._inputs(geometry_hu, energies_mev)
-        return self._run(geometry, energies, g, e, batch_size, base=self.model.base_dose_scaled(geometry, energies))
+        geometry, energies, g, e, base = self._inputs(geometry_hu, energies_mev)
+        return self._run(geometry, energies, g, e, batch_size, base=base)
 
     @torch.inference_mode()
     def compare_with_full_pass(self, geometry_hu: Any, energies_mev: Any, batch_size: int = 16) -> dict[str, float]:
@@ -277,9 +276,8 @@ class InferenceEngine:
         """
         self._check_mode()
         model = self.model
-        geometry, energies, g, e = self._inputs(geometry_hu, energies_mev)
+        geometry, energies, g, e, base = self._inputs(geometry_hu, energies_mev)  # the same for both: not timed
         n = max(1, g.shape[0])
-        base = model.base_dose_scaled(geometry, energies)  # the same for both paths: not timed
         t0 = time.perf_counter()
         ref = self._plain(g, e, batch_size)
         t1 = time.perf_counter()
@@ -297,8 +295,11 @@ class InferenceEngine:
         }
 
     # -- paths ---------------------------------------------------------------------------------------
-    def _inputs(self, geometry_hu: Any, energies_mev: Any) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
-        """Validated HU and MeV arrays, and the scaled tensors the model takes."""
+    def _inputs(
+        self, geometry_hu: Any, energies_mev: Any
+    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Validated HU and MeV arrays, the network input (scaled geometry, with the scaled base dose as a
+        second channel for a model with ``base_input``), the scaled energies and the scaled base dose."""
         model = self.model
         geometry, energies = check_beamlets(
             geometry_hu, energies_mev, block_shape=model.config.block_shape,
@@ -307,11 +308,12 @@ class InferenceEngine:
         norm, device = model.normalization, model.device
         g = norm.scale_geometry(torch.from_numpy(geometry).to(device))
         e = norm.scale_energy(torch.from_numpy(energies).to(device))
-        return geometry, energies, g, e
+        base = model.base_dose_scaled(geometry, energies)
+        return geometry, energies, model.network_input(g, base), e, base
 
     def _plain(self, g: torch.Tensor, e: torch.Tensor, batch_size: int) -> torch.Tensor:
         """The model's own full forward pass, in batches: the reference."""
-        out = torch.empty_like(g)
+        out = torch.empty(_dose_shape(g), dtype=g.dtype, device=g.device)
         for s in range(0, g.shape[0], batch_size):
             out[s : s + batch_size] = self.model(g[s : s + batch_size], e[s : s + batch_size])
         return out
@@ -326,7 +328,7 @@ class InferenceEngine:
         stats: dict[str, Any] = {"beamlets": n, "truncation": self.truncation}
         with self._precision():
             if self.truncation == "stream":
-                out = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+                out = torch.zeros(_dose_shape(g), dtype=torch.float32, device=g.device)
                 computed = np.zeros(n, dtype=np.int64)
                 for s in range(0, n, batch_size):
                     dose, done = stream_until_negligible(
@@ -366,8 +368,16 @@ class InferenceEngine:
                 bad.append(i)
         return np.asarray(bad, dtype=np.int64)
 
-    def _groups(self, geometry: np.ndarray) -> tuple[list[list[int]], list[bytes]]:
-        digests = [hashlib.sha256(np.ascontiguousarray(geometry[i]).data).digest()[:16] for i in range(len(geometry))]
+    def _groups(self, geometry: np.ndarray, e: torch.Tensor) -> tuple[list[list[int]], list[bytes]]:
+        """Beamlets grouped by what their encoder input depends on: the geometry, and for a model that takes
+        the base dose as an input also the energy (then only identical beamlets share work)."""
+        with_energy = self.model.config.base_input
+        digests = []
+        for i in range(len(geometry)):
+            h = hashlib.sha256(np.ascontiguousarray(geometry[i]).data)
+            if with_energy:
+                h.update(np.float32(e[i].item()).tobytes())
+            digests.append(h.digest()[:16])
         if not self.share_geometry:
             return [[i] for i in range(len(geometry))], digests
         groups: dict[bytes, list[int]] = {}
@@ -381,9 +391,9 @@ class InferenceEngine:
         cfg = self.model.config
         num_slices = cfg.block_shape[0]
         lag = cfg.num_blocks * cfg.num_forward
-        out = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+        out = torch.zeros(_dose_shape(g), dtype=torch.float32, device=g.device)
         computed = needed.copy()
-        groups, digests = self._groups(geometry)
+        groups, digests = self._groups(geometry, e)
         stats["groups"] = len(groups)
         queue: list[tuple[torch.Tensor, list[int], list[int]]] = []
         queued = 0
@@ -437,7 +447,7 @@ class InferenceEngine:
             self._fingerprint = model_fingerprint(self.model)
         keys = cache.chain(self._fingerprint, float(e), geometry, length // bs)
         found = cache.longest_prefix(keys)
-        out = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+        out = torch.zeros((g.shape[0], *g.shape[-2:]), dtype=torch.float32, device=g.device)
         if found:
             dec.load_rows(e, len(found) * bs + 1, [f.layers for f in found])
             prefix = torch.cat([f.dose for f in found])
@@ -508,6 +518,11 @@ class PathChooser:
                 out[f"{key[0]}, up to {2 ** key[1]} beamlets"] = (
                     f"{'engine' if e <= p else 'plain'} (engine {e:.1f} ms, plain {p:.1f} ms per beamlet)")
         return out
+
+
+def _dose_shape(x: torch.Tensor) -> tuple[int, ...]:
+    """(N, L, H, W) for network input (N, L, H, W) or (N, L, C, H, W)."""
+    return (*x.shape[:2], *x.shape[-2:])
 
 
 def exactness(out: torch.Tensor, ref: torch.Tensor, computed: np.ndarray) -> tuple[float, float]:

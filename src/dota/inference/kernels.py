@@ -89,7 +89,8 @@ class SliceCodec:
 
     # -- encoder ------------------------------------------------------------------------------
     def _encode_chunk(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.unsqueeze(1)
+        if x.ndim == 3:  # (n, H, W) geometry only; (n, C, H, W) with the base dose as a channel
+            x = x.unsqueeze(1)
         for i, w in enumerate(self.enc_w):
             g, gw, gb, eps = self.enc_norm[i]
             x = F.group_norm(F.conv2d(x, w, None, padding=self.pad), g, gw, gb, eps)
@@ -101,7 +102,7 @@ class SliceCodec:
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
 
     def encode(self, slices: torch.Tensor) -> torch.Tensor:
-        """(n, H, W) scaled geometry slices -> (n, d_model) tokens (no positions)."""
+        """(n, H, W) scaled geometry slices (or (n, C, H, W) input channels) -> (n, d_model) tokens (no positions)."""
         out = torch.empty(slices.shape[0], self.d_model, dtype=slices.dtype, device=slices.device)
         return self._chunks(self._enc, slices, out)
 

@@ -217,8 +217,8 @@ class IncrementalDecoder:
         if first_row == 0 and x.shape[1]:
             x = x[:, 1:]  # the energy token's row carries no dose
         if x.shape[1] == 0:
-            return slices.new_zeros(b, 0, *slices.shape[2:])
-        return self.codec.decode(x.reshape(-1, x.shape[-1])).view(b, x.shape[1], *slices.shape[2:])
+            return slices.new_zeros(b, 0, *slices.shape[-2:])
+        return self.codec.decode(x.reshape(-1, x.shape[-1])).view(b, x.shape[1], *slices.shape[-2:])
 
     def _block_step(self, layer: int, block, new_rows: torch.Tensor, final: bool) -> torch.Tensor:
         attn = block.attn
@@ -263,7 +263,7 @@ def stream_until_negligible(
     cutoff behind its peak, or L).
     """
     b, num_slices = geometry.shape[:2]
-    out = torch.zeros(geometry.shape, dtype=torch.float32, device=geometry.device)
+    out = torch.zeros((*geometry.shape[:2], *geometry.shape[-2:]), dtype=torch.float32, device=geometry.device)
     decoder.start(energy)
     peak = [0.0] * b
     stop: list[int | None] = [None] * b
