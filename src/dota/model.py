@@ -43,6 +43,7 @@ class DoTAConfig:
     dropout: float = 0.2  # dropout in attention and MLP (training only)
     ln_eps: float = 1e-6  # LayerNorm epsilon (Keras default used by the paper)
     base_engine: str = ""  # "" (the network predicts the dose) or "analytic": it predicts a correction to it
+    base_input: bool = False  # the base dose is also an input channel of the encoder (beside the CT)
 
     @property
     def d_model(self) -> int:
@@ -70,6 +71,8 @@ class DoTAConfig:
             raise InputError("num_forward must be >= 0, num_blocks and num_heads >= 1")
         if self.base_engine not in BASE_ENGINES:
             raise InputError(f"base_engine must be one of {BASE_ENGINES}, got {self.base_engine!r}")
+        if self.base_input and not self.base_engine:
+            raise InputError("base_input needs a base_engine")
 
     @classmethod
     def from_name(cls, name: str) -> DoTAConfig:
@@ -112,9 +115,15 @@ PRESETS: dict[str, DoTAConfig] = {
 # Physics-informed variants: the network learns the Monte Carlo dose minus the analytic pencil beam's
 # (dota.engines.analytic), which is computed at inference and added; its output layer starts at zero, so
 # an untrained model is the analytic engine.
-PRESETS["small-pb"] = replace(PRESETS["small"], base_engine="analytic")
-PRESETS["tiny-pb"] = replace(PRESETS["tiny"], base_engine="analytic")
-PRESETS["paper-pb"] = replace(PRESETS["paper"], base_engine="analytic", decoder_norm=False)
+# "-res": the correction is learned from the CT and energy alone, so every energy of one geometry still
+# shares the encoder (the engine's geometry sharing). "-pb": the analytic dose is also an input channel
+# (as ADoTA feeds an analytic beam), so the correction can follow the pencil beam it corrects; the
+# encoder then depends on the energy and the engine shares nothing between energies.
+PRESETS["small-res"] = replace(PRESETS["small"], base_engine="analytic")
+PRESETS["tiny-res"] = replace(PRESETS["tiny"], base_engine="analytic")
+PRESETS["small-pb"] = replace(PRESETS["small"], base_engine="analytic", base_input=True)
+PRESETS["tiny-pb"] = replace(PRESETS["tiny"], base_engine="analytic", base_input=True)
+PRESETS["paper-pb"] = replace(PRESETS["paper"], base_engine="analytic", base_input=True, decoder_norm=False)
 
 
 @dataclass
@@ -170,7 +179,8 @@ class SliceEncoder(nn.Module):
         c1, c2, c3 = cfg.enc_channels
         g1, g2, g3 = cfg.enc_groups
         k, p = cfg.kernel_size, cfg.kernel_size // 2
-        self.conv1, self.norm1 = nn.Conv2d(1, c1, k, padding=p, bias=False), nn.GroupNorm(g1, c1, eps=1e-3)
+        self.in_channels = 2 if cfg.base_input else 1
+        self.conv1, self.norm1 = nn.Conv2d(self.in_channels, c1, k, padding=p, bias=False), nn.GroupNorm(g1, c1, eps=1e-3)
         self.conv2, self.norm2 = nn.Conv2d(c1, c2, k, padding=p, bias=False), nn.GroupNorm(g2, c2, eps=1e-3)
         self.conv3, self.norm3 = nn.Conv2d(c2, c3, k, padding=p, bias=False), nn.GroupNorm(g3, c3, eps=1e-3)
 
@@ -292,9 +302,21 @@ class DoTA(nn.Module):
 
     # -- pieces ------------------------------------------------------------------------------
     def encode(self, geometry: torch.Tensor) -> torch.Tensor:
-        """(B, l, H, W) scaled geometry -> (B, l, d_model) slice tokens (no positions)."""
-        b, l, h, w = geometry.shape
-        return self.encoder(geometry.reshape(b * l, 1, h, w)).view(b, l, -1)
+        """(B, l, H, W) scaled geometry, or (B, l, C, H, W) with the base dose as channel 1 for a model with
+        ``base_input`` -> (B, l, d_model) slice tokens (no positions)."""
+        b, l = geometry.shape[:2]
+        h, w = geometry.shape[-2:]
+        c = geometry.shape[2] if geometry.ndim == 5 else 1
+        return self.encoder(geometry.reshape(b * l, c, h, w)).view(b, l, -1)
+
+    def network_input(self, geometry_scaled: torch.Tensor, base_scaled: torch.Tensor | None) -> torch.Tensor:
+        """What :meth:`forward` takes: the scaled geometry (B, L, H, W), with the scaled base dose stacked
+        as a second channel, (B, L, 2, H, W), for a model with ``base_input``."""
+        if not self.config.base_input:
+            return geometry_scaled
+        if base_scaled is None:
+            raise InputError("this model takes the base dose as an input: compute it with base_dose_scaled")
+        return torch.stack([geometry_scaled, base_scaled.to(geometry_scaled.dtype)], dim=2)
 
     def energy_embedding(self, energy: torch.Tensor) -> torch.Tensor:
         """(B,) scaled energy -> (B, 1, d_model) energy token (no position)."""
@@ -373,35 +395,88 @@ class DoTA(nn.Module):
 
 def dota_energies(
     num_tokens: int,
-    input_shape: tuple[int, int, int],
-    projection_dim: int,
+    input_shape: Any,
+    projection_dim: Any,
     num_heads: int,
     num_transformers: int,
     kernel_size: int,
     dropout_rate: float = 0.2,
     causal: bool = True,
 ) -> DoTA:
-    """Compatibility constructor with the original DoTA signature.
+    """The original DoTA constructor (``models.dota_energies``), with the original's semantics, so that its
+    ``hyperparam.json`` can be passed unchanged: ``dota_energies(**json.load(open("hyperparam.json")))``.
 
-    ``num_tokens`` is the number of slices L (the energy token is added on top), ``input_shape`` is
-    (L, H, W) or (L, H, W, 1), ``projection_dim`` is the key size per head (432 in the paper).
-    ``causal=False`` gives full look-ahead (num_forward = L).
+    ``num_tokens`` counts the energy token: L + 1 (151 for 150 slices). ``input_shape`` is one slice,
+    (H, W, 1) (or (H, W)). ``projection_dim`` is the encoder's output shape per slice,
+    (H / 4, W / 4, C): its product is the token width and the key size of every head (6 x 6 x 12 = 432),
+    C the last encoder convolution's channels. As in the original, the other encoder and decoder layers
+    have 64 channels (GroupNorm of 16 groups; 4 after the last encoder convolution), the MLP has two
+    layers of the token width, and ``causal=False`` lets every token attend to every other.
+    The paper's values (``num_tokens=151, input_shape=[24, 24, 1], projection_dim=[6, 6, 12],
+    num_heads=16, num_transformers=1, kernel_size=5``) give the ``paper`` preset.
+
+    Raises
+    ------
+    InputError
+        For values the original could not build (e.g. a ``projection_dim`` whose H, W are not
+        ``input_shape``'s divided by 4), naming the argument.
     """
-    shape = tuple(int(s) for s in input_shape[:3])
-    if shape[0] != num_tokens:
-        raise InputError(f"num_tokens {num_tokens} must equal the depth of input_shape {shape}")
-    base = PRESETS["paper"]
+
+    def whole(name: str, value: Any, lo: int = 1) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+            raise InputError(f"dota_energies: {name} must be an integer >= {lo}, got {value!r}")
+        return int(value)
+
+    def shape_of(name: str, value: Any) -> tuple[int, ...]:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            return ()
+        return tuple(whole(f"{name} entry", v) for v in value)
+
+    num_tokens = whole("num_tokens", num_tokens, 2)
+    slice_shape = shape_of("input_shape", input_shape)
+    if len(slice_shape) not in (2, 3) or (len(slice_shape) == 3 and slice_shape[2] != 1):
+        raise InputError(f"dota_energies: input_shape is one CT slice (H, W, 1), as in the original "
+                         f"(the depth is num_tokens - 1); got {input_shape!r}")
+    h, w = slice_shape[:2]
+    if h % 4 or w % 4:
+        raise InputError(f"dota_energies: input_shape {tuple(slice_shape)}: H and W must be multiples of 4 "
+                         "(the encoder pools twice by 2)")
+    proj = shape_of("projection_dim", projection_dim)
+    if len(proj) != 3:
+        cells = (h // 4) * (w // 4)
+        if isinstance(projection_dim, (int, np.integer)) and projection_dim > 0 and projection_dim % cells == 0:
+            hint = f"a key size of {projection_dim} is [{h // 4}, {w // 4}, {projection_dim // cells}]"
+        else:
+            hint = f"e.g. [{h // 4}, {w // 4}, 12]"
+        raise InputError(f"dota_energies: projection_dim is the encoder's output per slice [H/4, W/4, C] "
+                         f"({hint}); got {projection_dim!r}")
+    if proj[:2] != (h // 4, w // 4):
+        raise InputError(f"dota_energies: projection_dim {list(proj)} must start with input_shape's H/4, W/4 = "
+                         f"{h // 4}, {w // 4} (input_shape {tuple(slice_shape)})")
+    channels = proj[2]
+    if channels % 4:
+        raise InputError(f"dota_energies: the last entry of projection_dim ({channels} channels) must be a "
+                         "multiple of 4 (GroupNorm of 4 groups, as in the original)")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise InputError(f"dota_energies: causal must be true or false, got {causal!r}")
+    rate = float(dropout_rate) if not isinstance(dropout_rate, bool) else -1.0
+    if not 0.0 <= rate < 1.0:
+        raise InputError(f"dota_energies: dropout_rate must be in [0, 1), got {dropout_rate!r}")
+    num_slices = num_tokens - 1
+    d_model = h // 4 * (w // 4) * channels
     cfg = replace(
-        base,
-        block_shape=shape,
-        num_heads=num_heads,
-        head_dim=projection_dim,
-        num_blocks=num_transformers,
-        kernel_size=kernel_size,
-        dropout=dropout_rate,
-        num_forward=0 if causal else num_tokens,
+        PRESETS["paper"],
+        block_shape=(num_slices, h, w),
+        enc_channels=(64, 64, channels),
+        enc_groups=(16, 16, 4),
+        kernel_size=whole("kernel_size", kernel_size),
+        num_heads=whole("num_heads", num_heads),
+        head_dim=d_model,
+        num_blocks=whole("num_transformers", num_transformers),
+        mlp_dims=(d_model, d_model),
+        dropout=rate,
+        num_forward=0 if causal else num_slices,
     )
-    cfg = replace(cfg, mlp_dims=(cfg.d_model, cfg.d_model))
     return DoTA(cfg)
 
 

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dota.checkpoint import (
     atomic_write,
+    check_normalization_dict,
     load_state_checked,
     load_training_state,
     save_model,
@@ -40,8 +41,9 @@ from dota.checkpoint import (
 )
 from dota.data.dataset import BeamletDataset, compute_normalization, split_indices
 from dota.data.hdf5 import BeamletFile
-from dota.errors import DataFileError, InputError
-from dota.model import DoTA, DoTAConfig, Normalization, init_weights
+from dota.errors import DataFileError, InputError, TrainingError
+from dota.fileio import check_output
+from dota.model import DoTA, DoTAConfig, init_weights
 from dota.optim import Lamb
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,11 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 BEST_FILE = "best.safetensors"
 LAST_FILE = "last.safetensors"
+#: Every file a run writes into its folder (what ``overwrite`` replaces).
+RUN_FILES: tuple[str, ...] = (STATE_FILE, BEST_FILE, LAST_FILE, "train_config.json", "history.json",
+                              "history.csv", "history.png", "summary.json")
+#: TrainConfig fields a resumed run may change: they do not change what is trained.
+RESUME_MAY_CHANGE: tuple[str, ...] = ("device", "checkpoint_every", "validate_cache_beamlets")
 
 
 @dataclass
@@ -70,6 +77,48 @@ class TrainConfig:
 
     def lr_at(self, epoch: int) -> float:
         return self.lr * (0.5 ** (epoch // self.lr_halving_epochs) if self.lr_halving_epochs else 1.0)
+
+    def check(self) -> None:
+        """Refuse values that cannot train (one :class:`InputError` line naming the option)."""
+
+        def number(name: str, ok: Callable[[float], bool], what: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise InputError(f"--{name.replace('_', '-')} must be {what}, got {v!r}")
+
+        for name in ("epochs", "batch_size"):
+            number(name, lambda v: v >= 1 and float(v).is_integer(), "a positive integer")
+        for name in ("lr_halving_epochs", "checkpoint_every", "validate_cache_beamlets"):
+            number(name, lambda v: v >= 0 and float(v).is_integer(), "a non-negative integer")
+        number("lr", lambda v: v > 0, "positive")
+        number("weight_decay", lambda v: v >= 0, "non-negative")
+        number("val_fraction", lambda v: 0 < v < 1, "between 0 and 1")
+        DoTAConfig.from_name(self.preset)
+
+
+def _config_for(config: TrainConfig | dict[str, Any] | None, saved: dict[str, Any] | None,
+                out_dir: Path) -> TrainConfig:
+    """The run's TrainConfig: ``config`` (a TrainConfig, or the fields given) for a new run; for a resumed
+    one the ``saved`` config, refusing any field that ``config`` changes (except :data:`RESUME_MAY_CHANGE`)."""
+    given = asdict(config) if isinstance(config, TrainConfig) else dict(config or {})
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise InputError(f"unknown training settings {unknown}")
+    if saved is None:
+        cfg = config if isinstance(config, TrainConfig) else TrainConfig(**given)
+        cfg.check()
+        return cfg
+    saved = {k: v for k, v in saved.items() if k in known}
+    changed = [k for k, v in given.items() if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
+        now = ", ".join(f"{given[k]}" for k in changed)
+        raise InputError(f"--resume: the run in {out_dir} was started with {was}, not {now}; resume with its "
+                         "settings, or start a new run (another --out, or --overwrite)")
+    cfg = TrainConfig(**{**saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}})
+    cfg.check()
+    return cfg
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,9 +164,10 @@ def _seed_for_step(seed: int, epoch: int, step: int, rank: int) -> int:
 def train(
     data: str | Path | list[str | Path],
     out_dir: str | Path,
-    config: TrainConfig | None = None,
+    config: TrainConfig | dict[str, Any] | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     val_data: str | Path | None = None,
     progress: bool = True,
     on_step: Callable[[int, int], None] | None = None,
@@ -127,7 +177,11 @@ def train(
     """Train a DoTA model on dataset file(s) ``data``; write checkpoints, history and plot to ``out_dir``.
 
     ``val_data`` gives a separate validation file; otherwise ``val_fraction`` of ``data`` is held out.
-    ``resume`` continues from ``out_dir/state.pt`` (the config saved there wins). ``on_step(epoch, step)``
+    ``config`` is a :class:`TrainConfig` or a dict of the settings given (the others keep their defaults).
+    ``resume`` continues from ``out_dir/state.pt`` with the settings saved there: a ``config`` that changes
+    any of them (other than :data:`RESUME_MAY_CHANGE`) is refused. ``overwrite`` starts a new run in a
+    folder holding one (its files are removed first). A loss that becomes NaN or inf stops training with
+    a :class:`~dota.errors.TrainingError`; the state saved before it is kept. ``on_step(epoch, step)``
     is called after every optimizer step (tests use it to simulate an interruption).
     ``time_budget_s`` stops after the last epoch that is expected to finish within the budget (the
     run can be continued later with ``resume``; the stopping point then depends on timing).
@@ -135,23 +189,32 @@ def train(
     Returns a summary dict (also written to ``out_dir/summary.json``).
     """
     out_dir = Path(out_dir)
-    cfg = config or TrainConfig()
+    paths = [Path(p) for p in (data if isinstance(data, list) else [data])]
+    if resume and overwrite:
+        raise InputError("--resume continues a run and --overwrite replaces it: give one of them")
     state = None
     if resume:
         if not (out_dir / STATE_FILE).is_file():
             raise DataFileError(f"--resume: no training state in {out_dir} (expected {out_dir / STATE_FILE})")
         state = load_training_state(out_dir / STATE_FILE)
-        cfg = TrainConfig(**state["train_config"])
-    elif (out_dir / STATE_FILE).exists():
-        raise InputError(f"{out_dir} already holds a training run: pass --resume to continue it or choose another --out")
+        if not isinstance(state, dict) or not isinstance(state.get("train_config"), dict):
+            raise DataFileError(f"training state {out_dir / STATE_FILE} has no training settings")
+    elif (out_dir / STATE_FILE).exists() and not overwrite:
+        raise InputError(f"{out_dir} already holds a training run: pass --resume to continue it, --overwrite "
+                         "to start over, or choose another --out")
+    cfg = _config_for(config, None if state is None else state["train_config"], out_dir)
+    check_output(out_dir, inputs=[*paths, val_data], folder=True, writes=RUN_FILES, overwrite=overwrite,
+                 resumable=resume)
 
     device = resolve_device(cfg.device)
     ddp = _Dist(device)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ddp.world))
+        # OMP_NUM_THREADS, when set, wins (e.g. 1 for a run in the background beside other work)
+        env_threads = os.environ.get("OMP_NUM_THREADS", "")
+        torch.set_num_threads(int(env_threads) if env_threads.isdigit() and int(env_threads) > 0
+                              else max(1, (os.cpu_count() or 1) // ddp.world))
     if cfg.batch_size % ddp.world:
         raise InputError(f"batch size {cfg.batch_size} is not divisible by the {ddp.world} DDP processes")
-    paths = [Path(p) for p in (data if isinstance(data, list) else [data])]
 
     # -- data and normalisation ------------------------------------------------------------------
     n_total = sum(_count(p) for p in paths)
@@ -162,13 +225,14 @@ def train(
         train_idx, val_idx = np.arange(n_total), None
         val_paths = [Path(val_data)]
     if state is not None:
-        norm = Normalization.from_dict(state["normalization"])
+        norm = check_normalization_dict(state["normalization"], str(out_dir / STATE_FILE))
     else:
         norm = compute_normalization(paths, train_idx)
-    base_engine = DoTAConfig.from_name(cfg.preset).base_engine
+    preset_cfg = DoTAConfig.from_name(cfg.preset)
+    base = {"base_engine": preset_cfg.base_engine, "base_input": preset_cfg.base_input}
     train_ds = BeamletDataset(paths, norm, train_idx, augment=cfg.augment, flips=cfg.flips, seed=cfg.seed,
-                              base_engine=base_engine, progress=progress and ddp.main)
-    val_ds = BeamletDataset(val_paths, norm, val_idx, base_engine=base_engine, progress=progress and ddp.main)
+                              progress=progress and ddp.main, **base)
+    val_ds = BeamletDataset(val_paths, norm, val_idx, progress=progress and ddp.main, **base)
     if train_ds.block_shape != DoTAConfig.from_name(cfg.preset).block_shape:
         raise InputError(
             f"data blocks {train_ds.block_shape} do not match preset {cfg.preset!r} "
@@ -200,7 +264,12 @@ def train(
     local_batch = cfg.batch_size // ddp.world
     if ddp.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:  # a new run: nothing of the old one may be resumed or reported as this one's
+            for name in RUN_FILES:
+                (out_dir / name).unlink(missing_ok=True)
         atomic_write(out_dir / "train_config.json", lambda t: Path(t).write_text(json.dumps(asdict(cfg), indent=2)))
+    ddp.barrier()
+    saved_at: list[tuple[int, int]] = [(start_epoch, start_step)] if state is not None else []
 
     def save_state(epoch: int, step: int) -> None:
         if ddp.main:
@@ -212,7 +281,19 @@ def train(
                 "epoch": epoch, "step": step, "best_val": best_val,
                 "history": history, "run_sums": run_sums,
             })
+        saved_at.append((epoch, step))
         ddp.barrier()
+
+    def diverged(what: str, value: float, epoch: int, step: int | None) -> TrainingError:
+        where = f"epoch {epoch + 1}" + ("" if step is None else f", step {step + 1}")
+        if saved_at:
+            e, st = saved_at[-1]
+            kept = f"the last good state ({out_dir / STATE_FILE}, after {e} epoch(s)" + (
+                f" and {st} step(s)" if st else "") + ") is kept"
+        else:
+            kept = "no state had been saved yet"
+        return TrainingError(f"training stopped: the {what} became {value} at {where}; {kept}; "
+                             "start a new run with a lower --lr")
 
     pbar = None
     if progress and ddp.main:
@@ -237,10 +318,14 @@ def train(
             g, e, d = _collate([train_ds[int(i)] for i in mine], device)
             torch.manual_seed(_seed_for_step(cfg.seed, epoch, step, ddp.rank))
             loss = F.mse_loss(net(g, e), d)
+            s, n = ddp.sum([float(loss.detach()) * len(mine), float(len(mine))], device)
+            if not math.isfinite(s):  # every rank sees the same sum: all stop here, before the step
+                if pbar is not None:
+                    pbar.close()
+                raise diverged("training loss", float(loss.detach()), epoch, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            s, n = ddp.sum([float(loss.detach()) * len(mine), float(len(mine))], device)
             run_sums = [run_sums[0] + s, run_sums[1] + n]
             if pbar is not None:
                 pbar.update(1)
@@ -251,6 +336,10 @@ def train(
                 save_state(epoch, step + 1)
 
         val_loss = _validate(model, val_ds, local_batch, device, ddp)
+        if not math.isfinite(val_loss):
+            if pbar is not None:
+                pbar.close()
+            raise diverged("validation loss", val_loss, epoch, None)
         record = {
             "epoch": epoch + 1,
             "train_loss": run_sums[0] / max(run_sums[1], 1),
@@ -294,7 +383,7 @@ def train(
         "data": [str(p) for p in paths],
         "val_data": None if val_data is None else str(val_data),
         "command": command,
-        "best_checkpoint": str(out_dir / BEST_FILE),
+        "best_checkpoint": str(out_dir / BEST_FILE) if (out_dir / BEST_FILE).is_file() else None,
         "best_val_loss": best_val,
         "epochs": cfg.epochs,
         "epochs_done": len(history),
