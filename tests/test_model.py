@@ -46,12 +46,45 @@ def test_attention_mask_look_ahead():
     assert m[4].all()
 
 
-def test_compat_constructor_matches_paper():
-    m = dota_energies(150, (150, 24, 24, 1), 432, 16, 1, 5, 0.2, causal=True)
-    assert m.config == PRESETS["paper"]
-    assert dota_energies(150, (150, 24, 24), 432, 16, 1, 5, causal=False).config.num_forward == 150
-    with pytest.raises(InputError, match="num_tokens"):
-        dota_energies(100, (150, 24, 24), 432, 16, 1, 5)
+#: The original repository's hyperparam.json, as it is passed to its models.dota_energies.
+ORIGINAL_HYPERPARAMS = {"num_tokens": 151, "input_shape": [24, 24, 1], "projection_dim": [6, 6, 12],
+                        "num_heads": 16, "num_transformers": 1, "kernel_size": 5, "causal": True}
+
+
+def test_compat_constructor_takes_the_original_hyperparams_unchanged():
+    model = dota_energies(**ORIGINAL_HYPERPARAMS)
+    assert model.config == DoTAConfig.from_name("paper")
+    assert model.num_parameters() == DoTA(DoTAConfig.from_name("paper")).num_parameters() == 12_632_937
+    assert model.config.num_tokens == 151 and model.config.d_model == 6 * 6 * 12 == model.config.head_dim
+    # positional form of the original signature, dropout, and full attention without causality
+    assert dota_energies(151, (24, 24, 1), (6, 6, 12), 16, 1, 5, 0.2, True).config == PRESETS["paper"]
+    full = dota_energies(**{**ORIGINAL_HYPERPARAMS, "causal": False})
+    assert full.config.num_forward == 150 and bool(full.mask.all())
+    # other sizes follow the original's rules: depth num_tokens - 1, projection (H/4, W/4, C)
+    other = dota_energies(**{**ORIGINAL_HYPERPARAMS, "num_tokens": 41, "input_shape": [8, 8, 1],
+                             "projection_dim": [2, 2, 4], "num_heads": 2})
+    assert other.config.block_shape == (40, 8, 8) and other.config.d_model == 16 == other.config.head_dim
+    assert other.config.mlp_dims == (16, 16) and other.config.enc_channels == (64, 64, 4)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"projection_dim": [5, 6, 12]}, "must start with input_shape's H/4, W/4 = 6, 6"),
+    ({"input_shape": [32, 32, 1]}, "must start with input_shape's H/4, W/4 = 8, 8"),
+    ({"projection_dim": 432}, r"a key size of 432 is \[6, 6, 12\]"),
+    ({"projection_dim": [6, 6]}, "projection_dim is the encoder's output per slice"),
+    ({"projection_dim": [6, 6, 10]}, "multiple of 4"),
+    ({"input_shape": [150, 24, 24]}, r"input_shape is one CT slice \(H, W, 1\)"),
+    ({"input_shape": [150, 24, 24, 1]}, r"input_shape is one CT slice \(H, W, 1\)"),
+    ({"input_shape": [22, 24, 1]}, "multiples of 4"),
+    ({"num_tokens": 1}, "num_tokens must be an integer >= 2"),
+    ({"num_tokens": 151.0}, "num_tokens must be an integer"),
+    ({"num_heads": 0}, "num_heads must be an integer >= 1"),
+    ({"kernel_size": 4}, "odd"),
+    ({"causal": "yes"}, "causal must be true or false"),
+])
+def test_compat_constructor_refuses_inconsistent_values(change, match):
+    with pytest.raises(InputError, match=match):
+        dota_energies(**{**ORIGINAL_HYPERPARAMS, **change})
 
 
 def test_seed_predict_form_and_errors():

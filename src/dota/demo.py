@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dota.fileio import atomic_write
+from dota.errors import InputError
+from dota.fileio import atomic_write, check_output
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,10 @@ def run_demo(
     from dota.generate import generate_dataset
     from dota.train import TrainConfig, train
 
-    out = Path(out)
+    if not minutes > 0:
+        raise InputError(f"--minutes must be positive, got {minutes}")
+    # the demo resumes (it reuses what a previous run in the same folder finished): an existing folder is fine
+    out = check_output(out, folder=True, resumable=True)
     (out / "data").mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
@@ -78,7 +82,7 @@ def run_demo(
     say("evaluating the model against the held-out analytic beamlets (gamma 1%/3mm, paper protocol)")
     result = evaluate(out / "data" / "test.h5", out / "evaluate", engine="dota",
                       model=str(run_dir / "best.safetensors"), criteria="1%/3mm,2%/2mm",
-                      device=device, progress=progress)
+                      device=device, progress=progress, overwrite=True)
     timings["evaluate_s"] = time.perf_counter() - t
 
     summary: dict[str, Any] = {

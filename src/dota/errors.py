@@ -17,3 +17,11 @@ class DataFileError(DotaError, OSError):
 
 class EngineUnavailableError(DotaError, RuntimeError):
     """A dose engine that is not installed or cannot run here."""
+
+
+class TrainingError(DotaError, RuntimeError):
+    """Training that cannot go on, e.g. a loss that became NaN or inf."""
+
+
+class DiskFullError(DataFileError):
+    """No space left on the device (or quota) while writing a file; the partial file is removed."""

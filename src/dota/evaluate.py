@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dota.fileio import atomic_write
+from dota.fileio import atomic_write, check_output
 from dota.constants import (
     PAPER_GAMMA_PASS_DOTA,
     PAPER_GAMMA_PASS_PENCIL_BEAM,
@@ -31,14 +31,16 @@ from dota.data.splits import patient_of, site_of
 from dota.evaluation.metrics import range_error_mm, relative_error_percent, summarize
 
 
-def make_engine(engine: str | DoseEngine, model: str | None = None, device: str = "auto") -> DoseEngine:
-    """An engine by name; ``dota`` takes ``model`` (checkpoint path or preset; default: the shipped model)."""
+def make_engine(engine: str | DoseEngine, model: str | None = None, device: str = "auto",
+                seed: int = 0) -> DoseEngine:
+    """An engine by name; ``dota`` takes ``model`` (checkpoint path or preset; default: the shipped model)
+    and ``seed`` (the random weights of a preset)."""
     if isinstance(engine, DoseEngine):
         return engine
     if engine == "dota":
         from dota.train import resolve_device
 
-        return get_engine("dota", model=model, device=str(resolve_device(device)))
+        return get_engine("dota", model=model, device=str(resolve_device(device)), seed=int(seed))
     if model is not None:
         raise InputError(f"--model applies to the dota engine only, not {engine!r}")
     return get_engine(engine)
@@ -68,15 +70,26 @@ def evaluate(
     progress: bool = True,
     save_predictions: bool = True,
     plots: bool = True,
+    seed: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``engine`` against the dose in ``reference``; write results to ``out_dir``.
 
     Returns the dict written to ``out_dir/metrics.json``: ``summary`` (per criterion: pass-rate
     statistics; relative error; range error; timing), ``per_beamlet`` and ``failures_by_depth``.
+    ``out_dir`` follows :func:`dota.fileio.check_output` (results already there are replaced only with
+    ``overwrite``). ``seed`` seeds the random weights of a preset ``model``.
     """
     crits = _parse_criteria(criteria)
-    out_dir = Path(out_dir)
-    eng = make_engine(engine, model, device)
+    if int(batch_size) < 1:
+        raise InputError(f"batch size must be positive, got {batch_size}")
+    if max_beamlets is not None and int(max_beamlets) < 1:
+        raise InputError(f"max_beamlets must be positive, got {max_beamlets}")
+    writes = [w for w in EVALUATE_OUTPUTS if (w != "predictions.h5" or save_predictions)
+              and (not w.endswith(".png") or plots)]
+    out_dir = check_output(out_dir, inputs=[reference, _model_path(model)], overwrite=overwrite, folder=True,
+                           writes=writes)
+    eng = make_engine(engine, model, device, seed)
     with BeamletFile(reference) as f:
         if f.dose is None:
             raise DataFileError(f"reference {reference} has no dose to compare with")
@@ -97,7 +110,7 @@ def evaluate(
         for s in range(0, n, batch_size):
             chunk = f.load(slice(s, min(n, s + batch_size)))
             t0 = time.perf_counter()
-            pred = eng.dose(chunk.geometry, chunk.energy, voxel_mm)
+            pred = checked_dose(eng.dose(chunk.geometry, chunk.energy, voxel_mm), chunk.geometry.shape, eng, s)
             engine_seconds += time.perf_counter() - t0
             if predictions is not None:
                 predictions[s : s + len(chunk)] = pred
@@ -182,6 +195,30 @@ def evaluate(
     return result
 
 
+#: What :func:`evaluate` writes into its folder (names and glob patterns, for :func:`~dota.fileio.check_output`).
+EVALUATE_OUTPUTS: tuple[str, ...] = ("metrics.json", "predictions.h5", "pass_rates.png", "failures_by_depth.png",
+                                     "error_vs_energy.png")
+
+
+def _model_path(model: Any) -> str | None:
+    """``model`` when it names a file (an input that no output may replace), else None."""
+    return str(model) if model is not None and Path(str(model)).exists() else None
+
+
+def checked_dose(dose: Any, shape: tuple[int, ...], engine: DoseEngine, first: int = 0) -> np.ndarray:
+    """An engine's output, refused unless it has the input's ``shape`` and only finite values (a checkpoint
+    with broken weights or normalisation must not reach a file or a metric)."""
+    dose = np.asarray(dose)
+    if dose.shape != tuple(shape):
+        raise InputError(f"the {engine.name} engine returned dose of shape {dose.shape} for blocks {tuple(shape)}")
+    if not np.isfinite(dose).all():
+        bad = np.flatnonzero(~np.isfinite(dose.reshape(len(dose), -1)).all(axis=1))
+        source = getattr(engine, "source", engine.name)
+        raise DataFileError(f"the {engine.name} engine ({source}) predicted NaN or inf dose for beamlet "
+                            f"{first + int(bad[0])}: its model or normalisation is broken")
+    return dose
+
+
 #: Energy bands (MeV) of the per-energy summary: lower edges; the last band is open above.
 ENERGY_BANDS_MEV: tuple[float, ...] = (70.0, 100.0, 130.0, 160.0, 190.0)
 
@@ -218,18 +255,23 @@ def _progress(total: int, enabled: bool, desc: str):
 
 def predict_file(
     data: str | Path, out: str | Path, *, model: str | None = None, device: str = "auto", batch_size: int = 16,
-    progress: bool = True,
+    progress: bool = True, seed: int = 0, overwrite: bool = False,
 ) -> Path:
     """Predict every beamlet of ``data`` with ``model`` (default: the shipped model); write the shared
-    format to ``out``."""
-    eng = make_engine("dota", model, device)
+    format to ``out``: never ``data`` itself, an existing file only with ``overwrite``
+    (:func:`dota.fileio.check_output`). ``seed`` seeds the random weights of a preset ``model``."""
+    if int(batch_size) < 1:
+        raise InputError(f"batch size must be positive, got {batch_size}")
+    out = check_output(out, inputs=[data, _model_path(model)], overwrite=overwrite)
+    eng = make_engine("dota", model, device, seed)
     with BeamletFile(data) as f:
         n = len(f)
         dose = np.zeros((n, *f.block_shape), np.float32)
         bar = _progress(n, progress, "predicting")
         for s in range(0, n, batch_size):
             chunk = f.load(slice(s, min(n, s + batch_size)))
-            dose[s : s + len(chunk)] = eng.dose(chunk.geometry, chunk.energy, f.voxel_mm)
+            dose[s : s + len(chunk)] = checked_dose(eng.dose(chunk.geometry, chunk.energy, f.voxel_mm),
+                                                    chunk.geometry.shape, eng, s)
             bar.update(len(chunk))
         bar.close()
         return write_dataset(out, np.asarray(f.geometry[...]), dose, f.energy,

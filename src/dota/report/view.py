@@ -31,9 +31,45 @@ def find_report(path: str | Path = "report") -> Path:
     )
 
 
+#: Host names the report server answers to: a page on another name (DNS rebinding) gets 403.
+ALLOWED_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
+
+
+def host_allowed(host_header: str | None, port: int) -> bool:
+    """Whether a request's ``Host`` header names this server: ``127.0.0.1`` or ``localhost``, with no port
+    or this server's ``port``. Anything else (another name resolving to 127.0.0.1, a missing header) is
+    refused, so that a web page cannot read the report through DNS rebinding."""
+    if not host_header:
+        return False
+    host, sep, given_port = host_header.strip().lower().rpartition(":")
+    if not sep or "]" in given_port:
+        host, given_port = host_header.strip().lower(), ""
+    return host in ALLOWED_HOSTS and given_port in ("", str(port))
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the report's files only: requests for another Host are refused, folders are not listed."""
+
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         log.debug("view: " + format, *args)
+
+    def _host_ok(self) -> bool:
+        if host_allowed(self.headers.get("Host"), self.server.server_address[1]):
+            return True
+        self.send_error(403, "Forbidden: unknown Host")
+        return False
+
+    def do_GET(self) -> None:  # noqa: N802 - the base class's name
+        if self._host_ok():
+            super().do_GET()
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        if self._host_ok():
+            super().do_HEAD()
+
+    def list_directory(self, path):  # noqa: ANN001 - the base class's signature
+        self.send_error(404, "Not found")
+        return None
 
 
 def serve_report(
@@ -44,6 +80,10 @@ def serve_report(
     Returns the server (call ``shutdown()`` to stop it) and the page's URL.
     """
     index = find_report(path)
+    if host not in ALLOWED_HOSTS:
+        raise InputError(f"the report is served on localhost only, not {host}")
+    if not 0 <= int(port) <= 65535:
+        raise InputError(f"port must be from 1 to 65535 (0: any free port), got {port}")
     handler = functools.partial(_QuietHandler, directory=str(index.parent))
     try:
         server = http.server.ThreadingHTTPServer((host, int(port)), handler)

@@ -1,0 +1,249 @@
+"""Plan dose through any beamlet engine: per beam one rotation of the CT, per spot one block through all
+its energy layers, dose carried back into the CT grid, beams summed.
+
+Units: the engines give Gy per 1e9 primaries; a spot-energy of ``mu`` MU at nominal energy ``E``
+delivers ``mu * ProtonsMU(E)`` protons per fraction (beam model, :func:`~dota.plan.model.protons_per_mu`),
+so the plan dose in Gy (all fractions) is ``fractions * sum(mu * ProtonsMU(E) / 1e9 * beamlet dose)``.
+
+Memory stays bounded for plans of any size: spots go through the engine in chunks of at most
+``max_beamlets_per_call`` beamlets (one spot's layers are never split, so the DoTA engine shares the
+geometry between them), their dose is accumulated into the beam's grid at once, and the
+dose-influence matrix is built from per-chunk sparse pieces. Stages are timed (``PlanDose.timings_s``):
+``read`` (done by the caller), ``rotate`` (CT onto the beam grids), ``infer`` (engine calls), ``deposit``
+(accumulation in the beam grids and the trilinear carry back to the CT), ``dij`` (sparse matrix).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dota.constants import BLOCK_SHAPE, PRIMARIES_UNIT, VOXEL_MM
+from dota.errors import InputError
+from dota.plan import bev
+from dota.plan.geometry import PatientCT, iec_beam_axes
+from dota.plan.model import Beam, Plan, protons_per_mu
+
+log = logging.getLogger("dota.plan")
+
+#: Default upper bound of beamlets per engine call (memory: 150x24x24 float32 = 345 kB per block, x2).
+MAX_BEAMLETS_PER_CALL = 128
+
+
+class StageTimer:
+    """Wall-clock seconds per named stage (``time.perf_counter``), summed over repeated entries."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.seconds.items()}
+
+
+@dataclass
+class PlanDose:
+    """Result of :func:`compute_plan_dose`: ``dose_gy`` on the CT grid (z, y, x), float32, for all fractions."""
+
+    dose_gy: np.ndarray
+    timings_s: dict[str, float]
+    stats: dict[str, Any]
+    dij: Any = None  # dota.plan.dij.DoseInfluence when requested
+    beam_dose_gy: list[np.ndarray] = field(default_factory=list)
+
+
+def _spot_groups(positions: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Unique spot positions (rounded to 1 um) and, for each, the indices of its spot-energies."""
+    key = np.round(positions * 1000.0).astype(np.int64)
+    uniq, inverse = np.unique(key, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+    groups = [order[bounds[i]:bounds[i + 1]] for i in range(len(uniq))]
+    return uniq / 1000.0, groups
+
+
+def _check_engine_range(plan: Plan, engine: Any) -> None:
+    lo, hi = getattr(engine, "energy_range_mev", (70.0, 225.0))
+    for b in plan.beams:
+        for i, layer in enumerate(b.layers):
+            if not lo - 1e-3 <= layer.energy_mev <= hi + 1e-3:
+                raise InputError(f"beam {b.name!r}, layer {i + 1}: {layer.energy_mev:g} MeV is outside the "
+                                 f"{getattr(engine, 'name', 'engine')} engine's range {lo:g}-{hi:g} MeV")
+
+
+def compute_plan_dose(
+    ct: PatientCT,
+    plan: Plan,
+    engine: Any,
+    *,
+    progress: bool = False,
+    max_beamlets_per_call: int = MAX_BEAMLETS_PER_CALL,
+    dij: bool = False,
+    dij_mask: np.ndarray | None = None,
+    dij_threshold: float = 0.0,
+    supersample: int | None = None,
+    keep_beam_doses: bool = False,
+    block_shape: tuple[int, int, int] = BLOCK_SHAPE,
+    voxel_mm: tuple[float, float, float] = VOXEL_MM,
+    timer: StageTimer | None = None,
+) -> PlanDose:
+    """Dose of ``plan`` on ``ct``'s grid with a beamlet ``engine`` (see the module docstring).
+
+    Parameters
+    ----------
+    engine
+        A :class:`~dota.engines.base.DoseEngine` (``dota.engines.get_engine("analytic")``, ``"dota"``,
+        ``"mcsquare"``).
+    dij, dij_mask, dij_threshold
+        Also build the dose-influence matrix (:class:`~dota.plan.dij.DoseInfluence`, Gy per MU per
+        fraction), keeping only CT voxels where ``dij_mask`` is true (all when None) and, per beamlet,
+        values above ``dij_threshold`` times that beamlet's maximum.
+    supersample
+        Sub-points per axis when carrying dose into CT voxels (default ``ceil(spacing / 2 mm)``).
+    keep_beam_doses
+        Also return each beam's dose (``PlanDose.beam_dose_gy``).
+    """
+    from dota.plan.dij import DijBuilder
+
+    timer = timer or StageTimer()
+    if int(max_beamlets_per_call) < 1:
+        raise InputError(f"max_beamlets_per_call must be >= 1, got {max_beamlets_per_call}")
+    plan.validate()
+    _check_engine_range(plan, engine)
+    if dij_mask is not None and tuple(dij_mask.shape) != ct.shape:
+        raise InputError(f"dij mask shape {dij_mask.shape} differs from the CT's {ct.shape}")
+    total = np.zeros(ct.shape, dtype=np.float32)
+    builder = DijBuilder(ct.shape, plan.n_spots, dij_mask, dij_threshold) if dij else None
+    stats: dict[str, Any] = {"beams": len(plan.beams), "spot_energies": plan.n_spots, "spot_positions": 0,
+                             "engine_calls": 0, "missed_spot_energies": 0, "truncated_spot_energies": 0,
+                             "max_lateral_residual_mm": 0.0, "engine": getattr(engine, "name", "?")}
+    beam_doses = []
+    column = 0
+    for b in plan.beams:
+        beam_total = _beam_dose(ct, b, plan.fractions, engine, timer, stats, builder, column, progress,
+                                int(max_beamlets_per_call), supersample, block_shape, voxel_mm)
+        column += b.n_spots
+        total += beam_total
+        if keep_beam_doses:
+            beam_doses.append(beam_total)
+    if stats["truncated_spot_energies"]:
+        log.warning("%d spot-energies have a range beyond their %d-slice block: their dose past the block is lost",
+                    stats["truncated_spot_energies"], block_shape[0])
+    if stats["missed_spot_energies"]:
+        log.warning("%d spot-energies miss the patient (no body voxel in their block) and were skipped",
+                    stats["missed_spot_energies"])
+    stats["max_dose_gy"] = float(total.max())
+    stats["integral_dose_gy_mm3"] = float(total.sum(dtype=np.float64) * ct.voxel_volume_mm3)
+    result = PlanDose(total, timer.as_dict(), stats, None, beam_doses)
+    if builder is not None:
+        with timer("dij"):
+            result.dij = builder.finish(plan)
+        result.timings_s = timer.as_dict()
+        stats["dij_nnz"] = int(result.dij.matrix.nnz)
+        stats["dij_bytes"] = int(result.dij.nbytes)
+    return result
+
+
+def _beam_dose(ct: PatientCT, beam: Beam, fractions: int, engine: Any, timer: StageTimer, stats: dict[str, Any],
+               builder: Any, column0: int, progress: bool, max_per_call: int, supersample: int | None,
+               block_shape: tuple[int, int, int], voxel_mm: tuple[float, float, float]) -> np.ndarray:
+    from tqdm.auto import tqdm
+
+    from dota.physics import csda_range_mm, hu_to_rsp
+
+    positions, energies, mu = beam.spot_table()
+    protons = mu * protons_per_mu(energies) * fractions  # per spot-energy, all fractions
+    uniq, groups = _spot_groups(positions)
+    stats["spot_positions"] += len(uniq)
+    axes = iec_beam_axes(beam.gantry_deg, beam.couch_deg, beam.patient_position)
+    with timer("rotate"):
+        grid = bev.make_beam_grid(ct, axes, beam.isocenter_mm, uniq, block_shape, voxel_mm)
+        hu_grid = bev.resample_ct_to_grid(ct, grid)
+        first = bev.first_body_slice(hu_grid)
+        windows = bev.spot_windows(grid, first, uniq, block_shape)
+        carrier = bev.GridToCT(ct, grid, supersample)
+    dose_grid = np.zeros(grid.shape, dtype=np.float64)
+    length, height, width = block_shape
+    centre = (slice(height // 2 - 1, height // 2 + 1), slice(width // 2 - 1, width // 2 + 1))
+    bar = tqdm(total=len(energies), disable=not progress, unit="spot-energy", desc=f"beam {beam.name}",
+               dynamic_ncols=True, leave=False)
+    try:
+        chunk: list[int] = []
+        count = 0
+        for gi in range(len(uniq)):
+            if windows[gi] is None:
+                stats["missed_spot_energies"] += len(groups[gi])
+                bar.update(len(groups[gi]))
+                continue
+            res_mm = np.abs(np.asarray(windows[gi].residual)) * np.asarray(voxel_mm[1:])
+            stats["max_lateral_residual_mm"] = max(stats["max_lateral_residual_mm"], float(res_mm.max()))
+            if chunk and count + len(groups[gi]) > max_per_call:
+                _run_chunk(chunk, hu_grid, windows, groups, energies, protons, engine, dose_grid, carrier, builder,
+                           column0, timer, stats, block_shape, voxel_mm, bar, centre, hu_to_rsp, csda_range_mm)
+                chunk, count = [], 0
+            chunk.append(gi)
+            count += len(groups[gi])
+        if chunk:
+            _run_chunk(chunk, hu_grid, windows, groups, energies, protons, engine, dose_grid, carrier, builder,
+                       column0, timer, stats, block_shape, voxel_mm, bar, centre, hu_to_rsp, csda_range_mm)
+    finally:
+        bar.close()
+    out = np.zeros(ct.shape, dtype=np.float32)
+    with timer("deposit"):
+        carrier.carry(dose_grid, out)
+    return out
+
+
+def _run_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: list[np.ndarray], energies: np.ndarray,
+               protons: np.ndarray, engine: Any, dose_grid: np.ndarray, carrier: bev.GridToCT, builder: Any,
+               column0: int, timer: StageTimer, stats: dict[str, Any], block_shape: tuple[int, int, int],
+               voxel_mm: tuple[float, float, float], bar: Any, centre: tuple[slice, slice], hu_to_rsp: Any,
+               csda_range_mm: Any) -> None:
+    with timer("rotate"):
+        blocks = [bev.cut_block(hu_grid, windows[gi], block_shape) for gi in chunk]
+        geometry = np.concatenate([np.repeat(blk[None], len(groups[gi]), axis=0) for blk, gi in zip(blocks, chunk)])
+    idx = np.concatenate([groups[gi] for gi in chunk])
+    with timer("infer"):
+        dose = engine.dose(geometry, energies[idx].astype(np.float32), voxel_mm)
+    stats["engine_calls"] += 1
+    scale = protons[idx] / PRIMARIES_UNIT
+    with timer("deposit"):
+        start = 0
+        for blk, gi in zip(blocks, chunk):
+            n = len(groups[gi])
+            part = dose[start:start + n]
+            spot = np.tensordot(scale[start:start + n], part, axes=(0, 0))
+            bev.deposit_window(dose_grid, windows[gi], spot)
+            # range check along the block's central columns
+            wed_end = float(hu_to_rsp(blk[:, centre[0], centre[1]]).mean(axis=(1, 2)).sum() * voxel_mm[0])
+            stats["truncated_spot_energies"] += int(np.sum(csda_range_mm(energies[groups[gi]]) > wed_end))
+            start += n
+    if builder is not None:
+        with timer("dij"):
+            start = 0
+            for gi in chunk:
+                n = len(groups[gi])
+                spot_dose = dose[start:start + n]
+                depth = int(np.nonzero(spot_dose.any(axis=(0, 2, 3)))[0].max(initial=-1)) + 1
+                sampler = carrier.window_sampler(windows[gi], block_shape, depth=depth)
+                for m in range(n):
+                    spot_index = int(groups[gi][m])
+                    gy_per_mu = float(protons_per_mu(energies[spot_index])) / PRIMARIES_UNIT  # one fraction
+                    builder.add(column0 + spot_index, sampler, dose[start + m], gy_per_mu)
+                start += n
+    bar.update(len(idx))

@@ -1,0 +1,260 @@
+"""The two plan workflows behind ``dota dose`` and ``dota plan``, as functions (the CLI calls one each).
+
+:func:`run_dose`: read a CT and a plan, compute the plan dose with an engine (or MCsquare's own plan
+simulation), write RTDOSE / MHD / NIfTI, DVH tables and plot, a dose-influence matrix and a plan page.
+:func:`run_plan`: place spots for a target and beam angles, optimise their weights, write the plan
+(RT Ion Plan, JSON or PlanPencil) and optionally its recomputed dose and page.
+
+Every stage is timed (``timings_s``: read, setup, rotate, infer, deposit, dij, optimize, write, dvh,
+gamma, report).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dota.errors import InputError
+from dota.plan.dose import StageTimer, compute_plan_dose
+from dota.plan.geometry import PatientCT, read_patient_ct
+from dota.plan.model import Plan
+
+ENGINES = ("dota", "analytic", "mcsquare", "mcsquare-plan")
+
+
+def build_engine(name: str, *, model: str | None = None, device: str = "auto", seed: int = 0,
+                 primaries: int | None = None, threads: int | None = None) -> Any:
+    """A beamlet engine by name for plan dose (``dota``, ``analytic``, ``mcsquare``)."""
+    from dota.evaluate import make_engine
+    from dota.engines import get_engine
+
+    if name not in ENGINES or name == "mcsquare-plan":
+        raise InputError(f"unknown plan engine {name!r}; choose from {', '.join(ENGINES)}")
+    if name == "mcsquare":
+        if model is not None:
+            raise InputError("--model applies to the dota engine only")
+        kwargs: dict[str, Any] = {"seed": int(seed) + 1}
+        if primaries is not None:
+            kwargs["primaries"] = int(primaries)
+        if threads is not None:
+            kwargs["threads"] = int(threads)
+        return get_engine("mcsquare", **kwargs)
+    if primaries is not None and name != "mcsquare":
+        raise InputError("--primaries applies to the mcsquare engines only")
+    return make_engine(name, model=model, device=device, seed=seed)
+
+
+def load_structure_specs(specs: list[str] | None, ct: PatientCT) -> list[Any]:
+    from dota.plan.structures import load_structures
+
+    out = []
+    for spec in specs or []:
+        out.extend(load_structures(spec, ct))
+    return out
+
+
+def _write_outputs(outputs: list[str | os.PathLike], dose: np.ndarray, ct: PatientCT, plan: Plan) -> list[Path]:
+    from dota.plan.doseio import write_dose
+
+    return [write_dose(p, dose, ct, plan) for p in outputs]
+
+
+def run_dose(
+    ct_path: str | os.PathLike,
+    plan_path: str | os.PathLike,
+    outputs: list[str | os.PathLike],
+    *,
+    engine: str = "dota",
+    model: str | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    primaries: int | None = None,
+    threads: int | None = None,
+    structures: list[str] | None = None,
+    dvh_csv: str | os.PathLike | None = None,
+    prescription_gy: float | None = None,
+    reference: str | os.PathLike | None = None,
+    report_dir: str | os.PathLike | None = None,
+    dij_path: str | os.PathLike | None = None,
+    dij_threshold: float = 1e-3,
+    max_beamlets_per_call: int = 128,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``dota dose``: see the module docstring. Returns a summary (paths, statistics, timings)."""
+    from dota.plan.planio import read_plan
+
+    if not outputs and report_dir is None and dvh_csv is None and dij_path is None:
+        raise InputError("nothing to write: give --out (and/or --report, --dvh, --dij)")
+    timer = StageTimer()
+    with timer("read"):
+        ct = read_patient_ct(ct_path)
+        plan = read_plan(plan_path, ct)
+        structs = load_structure_specs(structures, ct)
+    summary: dict[str, Any] = {"ct": str(ct_path), "ct_shape": list(ct.shape), "ct_spacing_mm": list(ct.spacing_mm),
+                               "plan": str(plan_path), "beams": len(plan.beams), "spot_energies": plan.n_spots,
+                               "total_mu": plan.total_mu, "fractions": plan.fractions, "engine": engine}
+    if engine == "mcsquare-plan":
+        from dota.plan.mcsquare_plan import mcsquare_plan_dose
+
+        if dij_path is not None:
+            raise InputError("--dij needs a beamlet engine (dota, analytic, mcsquare), not mcsquare-plan")
+        kwargs: dict[str, Any] = {"seed": int(seed) + 1}
+        if primaries is not None:
+            kwargs["primaries"] = int(primaries)
+        if threads is not None:
+            kwargs["threads"] = int(threads)
+        with timer("mcsquare"):
+            dose = mcsquare_plan_dose(ct, plan, **kwargs)
+        dij = None
+    else:
+        with timer("setup"):
+            eng = build_engine(engine, model=model, device=device, seed=seed, primaries=primaries, threads=threads)
+        result = compute_plan_dose(ct, plan, eng, progress=progress, max_beamlets_per_call=max_beamlets_per_call,
+                                   dij=dij_path is not None, dij_threshold=dij_threshold, timer=timer)
+        dose, dij = result.dose_gy, result.dij
+        summary.update({k: v for k, v in result.stats.items() if k not in ("beams", "spot_energies")})
+    with timer("write"):
+        written = _write_outputs(outputs, dose, ct, plan)
+        if dij is not None:
+            written.append(dij.save(dij_path))
+            summary["dij_megabytes"] = dij.nbytes / 1e6
+            summary["dij_dropped_fraction"] = dij.dropped_fraction
+    dvhs = []
+    if structs:
+        from dota.plan.dvh import compute_dvh, plot_dvh, write_dvh_csv
+
+        with timer("dvh"):
+            dvhs = [compute_dvh(dose, s, ct.voxel_volume_mm3, prescription_gy=prescription_gy) for s in structs]
+            if dvh_csv is not None:
+                written.extend(write_dvh_csv(dvh_csv, dvhs))
+                written.append(plot_dvh(Path(dvh_csv).with_suffix(".png"), dvhs, prescription_gy=prescription_gy))
+        summary["dvh"] = {h.name: {k: round(v, 4) for k, v in h.stats.items()} for h in dvhs}
+    elif dvh_csv is not None:
+        raise InputError("--dvh needs structures (--structure)")
+    gamma = None
+    if reference is not None:
+        from dota.plan.doseio import read_dose, resample_to_ct
+        from dota.plan.report import plan_gamma
+
+        with timer("gamma"):
+            ref, grid = read_dose(reference)
+            ref = resample_to_ct(ref, grid, ct)
+            gamma = plan_gamma(dose, ref, ct)
+        summary["gamma"] = {"criteria": gamma.criteria, "pass_rate_percent": round(gamma.pass_rate_percent, 3),
+                            "voxels": gamma.evaluated}
+    summary["max_dose_gy"] = float(dose.max())
+    summary["timings_s"] = timer.as_dict()
+    if report_dir is not None:
+        from dota.plan.report import write_plan_report
+
+        with timer("report"):
+            page = write_plan_report(report_dir, ct, dose, structures=structs, dvhs=dvhs, gamma=gamma,
+                                     timings_s=timer.as_dict(), prescription_gy=prescription_gy,
+                                     summary={k: v for k, v in summary.items() if not isinstance(v, dict)},
+                                     title=f"{Path(plan_path).name} on {ct.name} ({engine})")
+        written.append(page)
+        summary["timings_s"] = timer.as_dict()
+    summary["written"] = [str(p) for p in written]
+    return summary
+
+
+def parse_angles(angles: str, couches: str | None = None) -> list[tuple[float, float]]:
+    """``"0,90"`` (and optional ``"0,10"``) -> [(gantry, couch), ...] in degrees."""
+    try:
+        g = [float(v) for v in angles.split(",") if v.strip()]
+        c = [float(v) for v in couches.split(",") if v.strip()] if couches else [0.0] * len(g)
+    except ValueError:
+        raise InputError(f"angles must be comma-separated degrees, got {angles!r} / {couches!r}") from None
+    if not g:
+        raise InputError("give at least one gantry angle (--angles 0,90)")
+    if len(c) != len(g):
+        raise InputError(f"{len(g)} gantry angles but {len(c)} couch angles")
+    return list(zip(g, c))
+
+
+def run_plan(
+    ct_path: str | os.PathLike,
+    target: str,
+    out: str | os.PathLike | list[str | os.PathLike],
+    *,
+    angles: str = "0",
+    couches: str | None = None,
+    oars: list[str] | None = None,
+    prescription_gy: float = 2.0,
+    fractions: int = 1,
+    engine: str = "analytic",
+    model: str | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    spot_spacing_mm: float | None = None,
+    layer_spacing_mm: float = 5.0,
+    lateral_margin_mm: float | None = None,
+    oar_weight: float = 0.3,
+    oar_limit_gy: float = 0.0,
+    max_iterations: int = 300,
+    dij_path: str | os.PathLike | None = None,
+    dose_out: list[str | os.PathLike] | None = None,
+    report_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``dota plan``: see the module docstring. Returns the optimisation summary."""
+    from dota.plan.optimize import make_plan
+    from dota.plan.planio import write_plan
+
+    outs = [out] if isinstance(out, (str, os.PathLike)) else list(out)
+    if not outs:
+        raise InputError("give a plan file to write (--out plan.dcm)")
+    if engine == "mcsquare-plan":
+        raise InputError("dota plan needs a beamlet engine (analytic, dota, mcsquare) for its dose-influence matrix")
+    timer = StageTimer()
+    with timer("read"):
+        ct = read_patient_ct(ct_path)
+        targets = load_structure_specs([target], ct)
+        if len(targets) != 1:
+            raise InputError(f"--target {target!r} names {len(targets)} structures; name one (e.g. file.dcm:PTV)")
+        organ = load_structure_specs(oars, ct)
+    with timer("setup"):
+        eng = build_engine(engine, model=model, device=device, seed=seed)
+    plan, summary = make_plan(ct, targets[0].mask, parse_angles(angles, couches), eng,
+                              prescription_gy=prescription_gy, fractions=fractions, oars=[s.mask for s in organ],
+                              oar_weight=oar_weight, oar_limit_gy=oar_limit_gy, spot_spacing_mm=spot_spacing_mm,
+                              layer_spacing_mm=layer_spacing_mm, lateral_margin_mm=lateral_margin_mm,
+                              max_iterations=max_iterations, name=Path(outs[0]).stem[:16] or "dota_plan",
+                              progress=progress, timer=timer)
+    dij = summary.pop("dij")
+    with timer("write"):
+        written = [write_plan(o, plan, ct) for o in outs]
+        if dij_path is not None:
+            written.append(dij.save(dij_path))
+    if dose_out or report_dir is not None:
+        result = compute_plan_dose(ct, plan, eng, progress=progress, timer=timer)
+        with timer("write"):
+            written.extend(_write_outputs(list(dose_out or []), result.dose_gy, ct, plan))
+        if report_dir is not None:
+            from dota.plan.dvh import compute_dvh
+            from dota.plan.report import write_plan_report
+
+            with timer("report"):
+                structs = targets + organ
+                dvhs = [compute_dvh(result.dose_gy, s, ct.voxel_volume_mm3, prescription_gy=prescription_gy)
+                        for s in structs]
+                page = write_plan_report(report_dir, ct, result.dose_gy, structures=structs, dvhs=dvhs,
+                                         timings_s=timer.as_dict(), prescription_gy=prescription_gy,
+                                         summary={"plan": ", ".join(map(str, outs)), "spot-energies": plan.n_spots,
+                                                  "beams": ", ".join(b.name for b in plan.beams),
+                                                  "prescription (Gy)": prescription_gy},
+                                         title=f"plan {Path(outs[0]).name} on {ct.name}")
+            written.append(page)
+    summary["timings_s"] = timer.as_dict()
+    summary["written"] = [str(p) for p in written]
+    return summary
+
+
+def write_summary(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return path

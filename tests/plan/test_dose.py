@@ -1,0 +1,156 @@
+"""The plan-dose pipeline: beam directions on a phantom, MU scaling, chunking, geometry sharing, dij."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dota.engines import get_engine
+from dota.errors import InputError
+from dota.plan.dij import load_dij
+from dota.plan.dose import compute_plan_dose
+from dota.plan.geometry import ct_from_array, read_patient_ct
+from dota.plan.model import Beam, EnergyLayer, Plan, protons_per_mu
+
+from .helpers import phantom_hu
+
+
+def water_box(shape=(50, 90, 90), spacing=(2.0, 2.0, 2.0)):
+    hu = np.full(shape, -1000.0, np.float32)
+    hu[3:-3, 5:-5, 5:-5] = 0.0
+    # voxel corners (not centres) on the isocentre: beam grid and CT grid coincide at gantry 0
+    origin = tuple(-(n / 2 - 0.5) * s for n, s in zip(shape[::-1], spacing[::-1]))
+    return ct_from_array(hu, spacing, origin)
+
+
+def one_spot(gantry, couch=0.0, xy=(0.0, 0.0), energy=100.0, mu=1.0, fractions=1):
+    return Plan([Beam("b", gantry, couch, (0.0, 0.0, 0.0), [EnergyLayer(energy, [xy], [mu])])], fractions=fractions)
+
+
+def centroid(ct, dose, level=0.5):
+    kji = np.argwhere(dose >= level * dose.max())
+    return ct.index_to_patient(kji).mean(axis=0)
+
+
+@pytest.fixture(scope="module")
+def analytic():
+    return get_engine("analytic")
+
+
+@pytest.mark.parametrize("gantry, axis, sign", [(0, 1, -1), (90, 0, +1), (180, 1, +1), (270, 0, -1)])
+def test_beam_enters_from_the_iec_side(analytic, gantry, axis, sign):
+    """HFS: gantry 0 enters anteriorly (-y), 90 from the patient's left (+x), 180 posteriorly, 270 from the right."""
+    ct = water_box()
+    dose = compute_plan_dose(ct, one_spot(gantry, energy=90.0), analytic).dose_gy
+    xyz = ct.index_to_patient(np.argwhere(dose > 0.01 * dose.max()))
+    # 90 MeV stops after 64 mm of water; the skin is 80 mm from the isocentre: all dose on the entry side
+    assert np.all(sign * xyz[:, axis] > 10.0)
+    # the Bragg peak lies 80 - 64 = 16 mm from the isocentre, towards the entry side
+    peak = ct.index_to_patient(np.array(np.unravel_index(np.argmax(dose), dose.shape)))
+    assert sign * peak[axis] == pytest.approx(80.0 - 64.0, abs=4.0)
+
+
+@pytest.mark.parametrize("gantry, xy, expected", [
+    (0, (20.0, 0.0), (20.0, None, 0.0)),     # IEC X at gantry 0 is the patient's left (+x)
+    (0, (0.0, -16.0), (0.0, None, -16.0)),   # IEC Y is superior (+z)
+    (90, (20.0, 0.0), (None, 20.0, 0.0)),    # at gantry 90, X points down (posterior, +y)
+])
+def test_spot_position_lands_where_iec_puts_it(analytic, gantry, xy, expected):
+    ct = water_box()
+    c = centroid(ct, compute_plan_dose(ct, one_spot(gantry, xy=xy), analytic).dose_gy)
+    for value, want in zip(c, expected):
+        if want is not None:
+            assert value == pytest.approx(want, abs=1.0)
+
+
+def test_mu_to_protons_and_fractions(analytic):
+    """On a CT grid that coincides with the beam grid, the plan dose is the engine's block dose times
+    MU x ProtonsMU / 1e9 x fractions."""
+    ct = water_box()
+    r = compute_plan_dose(ct, one_spot(0, energy=120.0, mu=2.5, fractions=3), analytic)
+    block = np.full((150, 24, 24), -1000.0, np.float32)
+    block[1:1 + 80] = 0.0  # the block starts one voxel before the skin; the box is 80 voxels deep
+    block_dose = analytic.dose(block, np.array([120.0]))[0]
+    expected = block_dose.max() * 2.5 * float(protons_per_mu(120.0)) / 1e9 * 3
+    assert r.dose_gy.max() == pytest.approx(expected, rel=1e-4)
+    assert r.stats["max_lateral_residual_mm"] == 0.0
+
+
+def test_chunking_does_not_change_the_dose(analytic):
+    ct = read_ct_phantom()
+    plan = Plan([Beam("b", 30, 0, (0, 0, 0), [EnergyLayer(e, [[x, y] for x in (-6, 0, 6) for y in (-6, 0, 6)],
+                                                          np.linspace(0.5, 1.5, 9)) for e in (90, 100, 110)])])
+    a = compute_plan_dose(ct, plan, analytic)
+    b = compute_plan_dose(ct, plan, analytic, max_beamlets_per_call=1)
+    assert a.stats["engine_calls"] == 1 and b.stats["engine_calls"] == 9  # one spot (3 layers) per call at least
+    np.testing.assert_allclose(b.dose_gy, a.dose_gy, rtol=1e-5, atol=1e-7 * a.dose_gy.max())
+
+
+def read_ct_phantom():
+    return ct_from_array(phantom_hu(), (2.5, 3.0, 3.0), origin_mm=(-58.5, -58.5, -28.75))
+
+
+class SpyEngine:
+    """Records every call; returns the analytic dose."""
+
+    name = "spy"
+    energy_range_mev = (70.0, 225.0)
+
+    def __init__(self):
+        self.calls = []
+        self.inner = get_engine("analytic")
+
+    def dose(self, geometry, energies, voxel_mm=(2.0, 2.0, 2.0)):
+        self.calls.append((geometry.copy(), energies.copy()))
+        return self.inner.dose(geometry, energies, voxel_mm)
+
+
+def test_each_spot_goes_through_the_engine_as_one_repeated_block():
+    ct = read_ct_phantom()
+    spy = SpyEngine()
+    layers = [EnergyLayer(90, [[0, 0], [8, 0]], [1, 1]), EnergyLayer(100, [[0, 0]], [1]),
+              EnergyLayer(105, [[8, 0], [0, 0]], [1, 1])]
+    compute_plan_dose(ct, Plan([Beam("b", 0, 0, (0, 0, 0), layers)]), spy, max_beamlets_per_call=3)
+    assert len(spy.calls) == 2  # spot (0,0) has 3 layers, spot (8,0) has 2: they do not fit one call of 3
+    for geometry, energies in spy.calls:
+        assert np.all(geometry == geometry[0])  # one block repeated: the DoTA engine shares its geometry
+        assert len(set(energies.tolist())) == len(energies)
+
+
+def test_dij_reproduces_the_plan_dose(tmp_path, analytic):
+    ct = read_ct_phantom()
+    plan = Plan([Beam("a", 0, 0, (0, 0, 0), [EnergyLayer(100, [[0, 0], [6.4, -3.1]], [1.0, 0.5])]),
+                 Beam("b", 75, 20, (0, 0, 0), [EnergyLayer(95, [[0, 0]], [2.0]), EnergyLayer(105, [[0, 0]], [1.0])])],
+                fractions=2)
+    r = compute_plan_dose(ct, plan, analytic, dij=True)
+    assert r.dij.matrix.shape == (int(np.prod(ct.shape)), 4)
+    np.testing.assert_allclose(r.dij.dose(), r.dose_gy, rtol=1e-4, atol=1e-6 * r.dose_gy.max())
+    assert r.stats["max_lateral_residual_mm"] > 0  # off-lattice spot: splatted
+    path = r.dij.save(tmp_path / "dij.npz")
+    back = load_dij(path)
+    assert back.matrix.nnz == r.dij.matrix.nnz and back.fractions == 2
+    np.testing.assert_allclose(back.dose(), r.dose_gy, rtol=1e-4, atol=1e-6 * r.dose_gy.max())
+    # a threshold keeps the matrix smaller and drops a reported, small part of the dose
+    t = compute_plan_dose(ct, plan, analytic, dij=True, dij_threshold=1e-3)
+    assert t.dij.matrix.nnz < 0.8 * r.dij.matrix.nnz
+    assert 0 < t.dij.dropped_fraction < 0.01
+    assert t.dij.dose().sum() == pytest.approx(r.dose_gy.sum(), rel=0.01)
+
+
+def test_dota_engine_tiny_model_runs_a_plan():
+    ct = read_ct_phantom()
+    engine = get_engine("dota", model="tiny", seed=0)
+    plan = Plan([Beam("b", 0, 0, (0, 0, 0), [EnergyLayer(e, [[0, 0], [6, 0]], [1, 1]) for e in (90, 110)])])
+    r = compute_plan_dose(ct, plan, engine)
+    assert r.dose_gy.shape == ct.shape and np.isfinite(r.dose_gy).all() and r.stats["engine_calls"] == 1
+    with pytest.raises(InputError, match="outside the dota engine's range"):
+        compute_plan_dose(ct, Plan([Beam("b", 0, 0, (0, 0, 0), [EnergyLayer(224, [[0, 0]], [1])])]), engine)
+
+
+def test_dicom_ct_keeps_its_geometry(dicom_ct):
+    ct = read_patient_ct(dicom_ct)
+    assert ct.shape == (24, 40, 40) and ct.spacing_mm == (2.5, 3.0, 3.0)
+    assert ct.origin_mm == pytest.approx((-70.5, -60.0, -30.0))
+    np.testing.assert_allclose(ct.direction, np.eye(3))
+    np.testing.assert_allclose(ct.hu, phantom_hu())
+    assert ct.info["PatientID"] == "PT001" and ct.patient_position == "HFS" and "FrameOfReferenceUID" in ct.info

@@ -1,0 +1,41 @@
+"""The plan page: self-contained HTML with slices and slider, DVHs, gamma (2%/2mm/10%), timings."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dota.plan.dvh import compute_dvh
+from dota.plan.geometry import ct_from_array
+from dota.plan.report import plan_gamma, write_plan_report
+from dota.plan.structures import Structure, sphere_mask
+
+
+def _case():
+    ct = ct_from_array(np.zeros((30, 40, 40), np.float32), (2.5, 2.0, 2.0), origin_mm=(-39, -39, -36.25))
+    idx = np.indices(ct.shape).reshape(3, -1).T
+    xyz = ct.index_to_patient(idx).reshape(*ct.shape, 3)
+    dose = 2.0 * np.exp(-np.sum((xyz / np.array([12.0, 15.0, 10.0])) ** 2, axis=-1))
+    return ct, dose
+
+
+def test_gamma_identical_and_shifted():
+    ct, dose = _case()
+    same = plan_gamma(dose, dose, ct)
+    assert same.pass_rate_percent == 100.0 and same.evaluated > 1000
+    assert np.isnan(same.gamma[0, 0, 0])  # below the 10 % cutoff: not evaluated
+    shifted = np.roll(dose, 3, axis=2)  # 6 mm along x: beyond 2 mm
+    assert plan_gamma(dose, shifted, ct).pass_rate_percent < 80.0
+    assert plan_gamma(dose, 1.01 * dose, ct).pass_rate_percent == 100.0  # 1 % within 2 %
+
+
+def test_report_page_is_self_contained(tmp_path):
+    ct, dose = _case()
+    s = Structure("core", sphere_mask(ct, (0, 0, 0), 8))
+    page = write_plan_report(tmp_path / "r", ct, dose, structures=[s], dvhs=[compute_dvh(dose, s, 10.0)],
+                             reference_gy=dose * 1.005, timings_s={"read": 0.1, "infer": 1.5},
+                             summary={"beams": 2}, title="test")
+    text = page.read_text()
+    assert text.count("type='range'") == 3 and text.count("data:image/png;base64,") >= 3 + 3 + 1
+    assert "pass rate <b>100.00 %</b>" in text and "infer" in text and "core" in text
+    assert "http" not in text.replace("http-equiv", "")
+    assert (tmp_path / "r" / "dvh.png").is_file()
