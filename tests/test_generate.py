@@ -257,3 +257,28 @@ def test_workers_return_to_the_drivers_priority() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     nice = int(out.strip())
     assert nice == (0 if os.geteuid() == 0 else 15)
+
+
+def test_every_engine_gets_the_beamlets_seeds() -> None:
+    """``run_group`` passes each beamlet's seed to any engine (part of the interface, no opt-in flag), the
+    seed :func:`dota.engines.base.beamlet_seed` gives, pinned to what ``dota generate`` always gave."""
+    from dota.engines import DoseEngine, register_engine
+    from dota.engines.base import _REGISTRY
+    from dota.generate import run_group
+
+    got: list[list[int]] = []
+
+    @register_engine("test-recording")
+    class Recording(DoseEngine):
+        name = "test-recording"
+
+        def dose(self, geometry_hu, energies_mev, voxel_mm=(2.0, 2.0, 2.0), *, seeds=None):
+            got.append(list(seeds))
+            return np.zeros(np.shape(geometry_hu), np.float32)
+
+    try:
+        specs = make_specs(3, ["phantom:water"], 5, energy_range_mev=(70.0, 120.0))
+        part = run_group(specs, "test-recording", "{}", (20, 8, 8), (2.0, 2.0, 2.0))
+    finally:
+        del _REGISTRY["test-recording"]
+    assert got == [[657807347, 440268364, 1558476884]] == [part["seed"].tolist()]

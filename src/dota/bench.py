@@ -29,12 +29,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
 from dota.constants import OUTPUT_CUTOFF_FRACTION
 from dota.errors import InputError
+from dota.report.schema import read_json
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +481,156 @@ SCENARIO_FUNCS: dict[str, Callable[[_Bench], dict[str, Any]]] = {
 
 
 # ---------------------------------------------------------------------------------------------
+# bench.json
+
+#: Version of the layout of ``bench.json`` (:class:`BenchFile`); raised when a key changes meaning.
+BENCH_VERSION = 1
+
+
+class Spread(TypedDict):
+    """Milliseconds per beamlet over requests (:func:`spread`)."""
+
+    median: float
+    p10: float
+    p90: float
+    n: int
+
+
+class PerVariant(TypedDict):
+    """Milliseconds per beamlet of one call of the plain pass and of the engine."""
+
+    baseline: float
+    engine: float
+
+
+class SlackStats(TypedDict):
+    min: float
+    p10: float
+    median: float
+    max: float
+
+
+class Margins(TypedDict):
+    """Truncation margins against the analytic engine (:func:`truncation_margins`)."""
+
+    beamlets: int
+    truncated_beamlets: int
+    margin_mm: float
+    cutoff_fraction: float
+    analytic_tail_rel_max: float
+    slack_mm: NotRequired[SlackStats]  # when a beamlet was truncated
+
+
+class CacheStats(TypedDict):
+    """The engine's caches at the end of a scenario (counters: during it)."""
+
+    geometry_cache: dict[str, int]
+    prefix_cache: dict[str, int] | None
+    kv_buffer_bytes: int
+
+
+class BatchPoint(TypedDict):
+    batch_size: int
+    baseline_ms: Spread
+    engine_ms: Spread
+    speedup: float
+    max_abs_diff_rel: float
+    requests: int
+
+
+class Scenario(TypedDict):
+    """One scenario of ``bench.json``: the keys of :meth:`_Bench.run` and of the scenario functions."""
+
+    name: str
+    description: str
+    beamlets: int
+    baseline_ms: Spread
+    engine_ms: Spread
+    speedup: float
+    max_abs_diff_rel: float
+    tail_rel: float
+    computed_fraction: float
+    warmup_ms: PerVariant
+    cache_bytes: int
+    peak_rss_bytes: int
+    requests: NotRequired[int]
+    repeats: NotRequired[int]
+    tail_check_recomputed_fraction: NotRequired[float | None]  # None: no request was truncated
+    plain_path_fraction: NotRequired[float]
+    cache_stats: NotRequired[CacheStats]
+    kernels_only_ms: NotRequired[Spread]  # single: the engine with truncation and caches off
+    kernels_only_speedup: NotRequired[float]
+    analytic_ms: NotRequired[Spread]  # the analytic pencil beam on the same requests, when available
+    analytic_speedup: NotRequired[float]
+    margins: NotRequired[Margins | None]
+    hit_rate: NotRequired[float | None]  # prefix: block hit rate of the prefix cache
+    baseline_best_batch: NotRequired[int]  # batch: the fastest batch size of each variant
+    engine_best_batch: NotRequired[int]
+    batch_curve: NotRequired[list[BatchPoint]]
+
+
+class Machine(TypedDict):
+    """:func:`dota.inference.runtime.machine_info` after the run, with the load before and what was set."""
+
+    cpu: str
+    cores_available: int
+    cpu_flags: list[str]
+    python: str
+    torch: str
+    torch_threads: int
+    omp_wait_policy: str
+    load_average: list[float]
+    load_average_before: list[float]
+    threads_set: int
+    allocator_tuned: bool
+
+
+class BenchModel(TypedDict):
+    source: str
+    weights: str
+    config: dict[str, Any]
+    parameters: int
+    precision: str
+    compile: bool
+    baseline_batch_size: int
+
+
+class EngineSettings(TypedDict):
+    truncation: str
+    margin_mm: float
+    verify_tail: bool
+    cutoff_fraction: float
+    chunk_slices: int
+    prefix_block_slices: int | None
+    geometry_cache_max_bytes: int
+    prefix_cache_max_bytes: int
+
+
+class BenchFile(TypedDict):
+    """``bench.json``: what :func:`run_benchmark` writes and returns."""
+
+    version: int
+    machine: Machine
+    model: BenchModel
+    engine: EngineSettings
+    cold_start_ms: PerVariant  # the process's first call (ms, one beamlet)
+    path_decisions: dict[str, str]  # kind of request -> the path the auto engine chose, with its times
+    quick: bool
+    seed: int
+    command: str
+    torch: str
+    python: str
+    wall_s: float
+    scenarios: list[Scenario]
+
+
+def read_bench(path: str | Path) -> BenchFile:
+    """``bench.json`` read and checked; :class:`~dota.errors.DataFileError` (one line naming the file and the
+    key) when a key is missing or of the wrong type."""
+    return read_json(path, BenchFile, BENCH_VERSION)
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -497,7 +648,7 @@ def run_benchmark(
     batch_size: int = 8,
     sizes: Sizes | None = None,
     command: str | None = None,
-) -> dict[str, Any]:
+) -> BenchFile:
     """Benchmark the inference engine against the plain full pass; write ``bench.json``,
     ``bench.md`` and PNG plots to ``out_dir``; return the JSON content.
 
@@ -579,6 +730,7 @@ def run_benchmark(
     info["allocator_tuned"] = runtime["allocator_tuned"]
     source = str(model) if not isinstance(model, DoTA) else "given model"
     report = {
+        "version": BENCH_VERSION,
         "machine": info,
         "model": {
             "source": source,
@@ -609,7 +761,7 @@ def run_benchmark(
         "wall_s": time.perf_counter() - started,
         "scenarios": results,
     }
-    report = _jsonable(report)
+    report: BenchFile = _jsonable(report)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
     write_plots(report, out_dir)
     (out_dir / "bench.md").write_text(summary_markdown(report))
@@ -620,58 +772,18 @@ def run_benchmark(
 # Output
 
 
-def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """``speedup.png`` (ms per beamlet, both variants, every scenario), ``batch.png`` (ms per beamlet
-    against batch size) when the batch scenario ran."""
-    from matplotlib.figure import Figure
+def write_plots(report: BenchFile, out_dir: Path) -> list[Path]:
+    """``speedup.png`` (ms per beamlet of both variants and the speed-up, every scenario) and ``batch.png``
+    (ms per beamlet and speed-up against batch size) when the batch scenario ran: the report's figures."""
+    from dota.report import figures as F
 
-    paths = []
-    rows = report["scenarios"]
-    fig = Figure(figsize=(7.5, 3.8), dpi=100)
-    ax = fig.add_subplot()
-    x = np.arange(len(rows))
-    bars = ((-0.2, "baseline_ms", "plain full pass", "0.55"), (0.2, "engine_ms", "engine", "C0"))
-    for off, key, label, color in bars:
-        med = np.array([r[key]["median"] for r in rows])
-        err = np.array([[m - r[key]["p10"], r[key]["p90"] - m] for m, r in zip(med, rows)]).T
-        ax.bar(x + off, med, width=0.4, yerr=err, capsize=3, color=color, label=label)
-    for i, r in enumerate(rows):
-        ax.annotate(f"{r['speedup']:.2f}x", (i, max(r["baseline_ms"]["p90"], r["engine_ms"]["p90"])),
-                    ha="center", va="bottom", fontsize=9, xytext=(0, 3), textcoords="offset points")
-    top = max(max(r["baseline_ms"]["p90"], r["engine_ms"]["p90"]) for r in rows)
-    ax.set_ylim(0, 1.25 * top)  # room for the speed-up labels and the legend
-    ax.set_xticks(x, [r["name"] for r in rows])
-    ax.set_ylabel("ms per beamlet (median, p10-p90)")
-    m = report["machine"]
-    mod = report["model"]
-    ax.set_title(f"{mod['source']} ({mod['precision']}), {m['torch_threads']} threads", fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", ncol=2, frameon=False)
-    fig.tight_layout()
-    path = out_dir / "speedup.png"
-    fig.savefig(path)
-    paths.append(path)
-
-    batch = next((r for r in rows if r["name"] == "batch"), None)
-    if batch:
-        fig = Figure(figsize=(5.5, 3.6), dpi=100)
-        ax = fig.add_subplot()
-        sizes = [p["batch_size"] for p in batch["batch_curve"]]
-        for key, label, color in (("baseline_ms", "plain full pass", "0.45"), ("engine_ms", "engine", "C0")):
-            med = [p[key]["median"] for p in batch["batch_curve"]]
-            lo = [p[key]["p10"] for p in batch["batch_curve"]]
-            hi = [p[key]["p90"] for p in batch["batch_curve"]]
-            ax.plot(sizes, med, "o-", color=color, label=label)
-            ax.fill_between(sizes, lo, hi, color=color, alpha=0.2)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [str(s) for s in sizes])
-        ax.set_xlabel("beamlets per request")
-        ax.set_ylabel("ms per beamlet")
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / "batch.png"
-        fig.savefig(path)
-        paths.append(path)
+    m, mod = report["machine"], report["model"]
+    timings = [F.scenario_timing(s) for s in report["scenarios"]]
+    title = f"{mod['source']} ({mod['precision']}), {m['torch_threads']} threads"
+    paths = [F.latency_figure(timings, out_dir / "speedup.png", title=title)]
+    curves = F.batch_curves(report["scenarios"])
+    if curves:
+        paths.append(F.batch_curve_figure(curves, out_dir / "batch.png", title=title))
     return paths
 
 
@@ -679,19 +791,19 @@ def _ms(s: dict[str, float]) -> str:
     return f"{s['median']:.1f} [{s['p10']:.1f}, {s['p90']:.1f}]"
 
 
-def summary_markdown(report: dict[str, Any]) -> str:
+def summary_markdown(report: BenchFile) -> str:
     """The benchmark as a markdown page: machine, model, one row per scenario, margins, notes."""
     m, mod = report["machine"], report["model"]
     lines = [
         "# dota bench",
         "",
-        f"Command: `{report['command'] or 'run_benchmark(...)'}`" + (" (quick)" if report["quick"] else ""),
+        f"Command: `{report['command']}`" + (" (quick)" if report["quick"] else ""),
         "",
         f"Machine: {m['cpu']}, {m['cores_available']} cores available, torch {m['torch']}, "
         f"{m['torch_threads']} threads, flags {', '.join(m['cpu_flags']) or 'n/a'}, allocator "
-        f"{'tuned (mallopt)' if report['machine'].get('allocator_tuned') else 'default'}, OpenMP wait "
-        f"{m.get('omp_wait_policy', 'default')}; load average "
-        f"{m.get('load_average_before')} before, {m['load_average']} after (1, 5, 15 min).",
+        f"{'tuned (mallopt)' if m['allocator_tuned'] else 'default'}, OpenMP wait "
+        f"{m['omp_wait_policy']}; load average "
+        f"{m['load_average_before']} before, {m['load_average']} after (1, 5, 15 min).",
         "",
         f"Model: {mod['source']}, {mod['weights']}, {mod['parameters'] / 1e6:.2f} M parameters, "
         f"{mod['config']['num_blocks']} block(s), num_forward {mod['config']['num_forward']}, {mod['precision']}"
@@ -732,7 +844,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"  Requests the engine sent to the plain pass (auto path): {100 * r.get('plain_path_fraction', 0):.0f} %"
                 + ("" if rec is None else f"; beamlets its tail check recomputed in full: {100 * rec:.0f} %") + ".")
-    if report.get("path_decisions"):
+    if report["path_decisions"]:
         lines += ["", "Engine path per kind of request (auto: the faster of the truncated, cached engine and "
                   "the plain pass, measured): " + "; ".join(f"{k}: {v}" for k, v in report["path_decisions"].items()) + "."]
     margins = [(r["name"], r["margins"]) for r in report["scenarios"] if r.get("margins")]

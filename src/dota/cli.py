@@ -148,8 +148,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dota.demo import run_demo
 
-    out = run_demo(args.out, minutes=args.minutes, seed=args.seed, device=args.device,
-                   progress=not args.no_progress)
+    out = run_demo(args.out, train_minutes=args.train_minutes, seed=args.seed, device=args.device,
+                   progress=not args.no_progress, model=args.model)
     print(f"demo results: {out.resolve()}")
     return 0
 
@@ -173,14 +173,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_mcsquare(args: argparse.Namespace) -> int:
-    from dota.engines.mcsquare import find_mcsquare, install_mcsquare, runnable_build
+    from dota.engines import mcsquare
 
     if args.action == "install":
-        root = install_mcsquare(args.cache_dir, force=args.force)
-        print(f"MCsquare installed in {root} (build that runs on this CPU: {runnable_build(root)})")
-    else:
-        inst = find_mcsquare(args.cache_dir)
-        print(inst.binary)
+        root = mcsquare.install_mcsquare(args.cache_dir, wheel=args.wheel, force=args.force)
+        print(f"MCsquare installed in {root} (build that runs on this CPU: {mcsquare.runnable_build(root)})")
+    elif args.action == "where":
+        print(mcsquare.find_mcsquare(args.cache_dir).binary)
+    else:  # beam-model
+        from dota.errors import InputError
+        from dota.fileio import atomic_write, check_output
+
+        if args.out is None:
+            raise InputError("dota mcsquare beam-model needs --out PATH")
+        out = check_output(args.out, overwrite=args.overwrite)
+        shipped = mcsquare.find_mcsquare(args.cache_dir).root / mcsquare.SHIPPED_BEAM_MODEL
+        text = mcsquare.format_beam_model(mcsquare.extend_beam_model(mcsquare.read_beam_model(shipped)))
+        atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+        print(f"beam model (70-225 MeV) written to {out}")
     return 0
 
 
@@ -301,12 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, seed_help="seed of the random weights when --model is a preset name (default 0)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("demo", help="generate data, train the small model, evaluate it (about 10 min on 2 cores)",
-                       description="End to end on the analytic engine: generate a small heterogeneous dataset, "
-                       "train the 'small' preset for a few minutes, evaluate it with the gamma index, "
-                       "and write metrics and plots to --out.")
+    p = sub.add_parser("demo", help="the shipped model against Monte Carlo, and a small plan (a few minutes)",
+                       description="The shipped default model end to end: its beamlets against the Monte Carlo "
+                       "beamlets shipped with it (the analytic engine beside it), a small plan on a phantom made "
+                       "and recomputed with it (RTDOSE, DVH, plan page), and a report. --train-minutes adds the "
+                       "training workflow (analytic data, the small preset trained for that long).")
     p.add_argument("--out", type=Path, default=Path("dota-demo"), help="results folder (default ./dota-demo)")
-    p.add_argument("--minutes", type=positive_float, default=6.0, help="training time budget in minutes (default 6)")
+    p.add_argument("--model", help="checkpoint to demonstrate instead of the shipped default model")
+    p.add_argument("--train-minutes", type=float, default=0.0,
+                   help="also generate analytic data and train the small preset for this long (default 0: no)")
     _add_common(p)
     p.set_defaults(func=cmd_demo)
 
@@ -344,12 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, device=False)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("mcsquare", help="install or locate the MCsquare Monte Carlo engine",
-                       description="Install MCsquare from the PyPI wheel opentps-core==2.0.0 (Apache-2.0) into "
-                       "$DOTA_CACHE/mcsquare (default ~/.cache/dota/mcsquare), or show where it is.")
-    p.add_argument("action", choices=["install", "where"])
+    p = sub.add_parser("mcsquare", help="install or locate the MCsquare Monte Carlo engine, rebuild its beam model",
+                       description="install: install MCsquare from the PyPI wheel opentps-core==2.0.0 (Apache-2.0) "
+                       "into $DOTA_CACHE/mcsquare (default ~/.cache/dota/mcsquare); where: print the MCsquare "
+                       "build this CPU runs; beam-model: rebuild the extended beam model (70-225 MeV) the "
+                       "package ships from the installed one (dota/resources/mcsquare/README.md).")
+    p.add_argument("action", choices=["install", "where", "beam-model"])
     p.add_argument("--force", action="store_true", help="reinstall even when installed")
+    p.add_argument("--wheel", type=Path, help="install from a local copy of the opentps-core 2.0.0 wheel")
     p.add_argument("--cache-dir", type=Path, help="install folder")
+    p.add_argument("--out", type=Path, help="beam-model: the file to write")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_mcsquare)
 
     p = sub.add_parser("bench", help="benchmark the inference engine against the plain full pass",

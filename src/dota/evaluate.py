@@ -12,7 +12,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from dota.errors import DataFileError, InputError
 from dota.evaluation.gamma import GammaCriteria, paper_gamma
 from dota.data.splits import patient_of, site_of
 from dota.evaluation.metrics import range_error_mm, relative_error_percent, summarize
+from dota.report.schema import read_json
 
 
 def make_engine(engine: str | DoseEngine, model: str | None = None, device: str = "auto",
@@ -38,9 +39,7 @@ def make_engine(engine: str | DoseEngine, model: str | None = None, device: str 
     if isinstance(engine, DoseEngine):
         return engine
     if engine == "dota":
-        from dota.train import resolve_device
-
-        return get_engine("dota", model=model, device=str(resolve_device(device)), seed=int(seed))
+        return get_engine("dota", model=model, device=device, seed=int(seed))
     if model is not None:
         raise InputError(f"--model applies to the dota engine only, not {engine!r}")
     return get_engine(engine)
@@ -72,11 +71,12 @@ def evaluate(
     plots: bool = True,
     seed: int = 0,
     overwrite: bool = False,
-) -> dict[str, Any]:
+) -> MetricsFile:
     """Evaluate ``engine`` against the dose in ``reference``; write results to ``out_dir``.
 
-    Returns the dict written to ``out_dir/metrics.json``: ``summary`` (per criterion: pass-rate
-    statistics; relative error; range error; timing), ``per_beamlet`` and ``failures_by_depth``.
+    Returns the dict written to ``out_dir/metrics.json`` (:class:`MetricsFile`): ``summary`` (per
+    criterion: pass-rate statistics; relative error; range error; timing; the same by site and by energy
+    band), ``per_beamlet`` and ``failures_by_depth``.
     ``out_dir`` follows :func:`dota.fileio.check_output` (results already there are replaced only with
     ``overwrite``). ``seed`` seeds the random weights of a preset ``model``.
     """
@@ -99,7 +99,7 @@ def evaluate(
         voxel_mm = f.voxel_mm
         depth = f.block_shape[0]
         ref_attrs = dict(f.attrs)
-        per_beamlet: list[dict[str, Any]] = []
+        per_beamlet: list[BeamletResult] = []
         fail_counts = {c.name: np.zeros(depth) for c in crits}
         eval_counts = {c.name: np.zeros(depth) for c in crits}
         predictions = np.zeros((n, *f.block_shape), np.float32) if save_predictions else None
@@ -117,7 +117,7 @@ def evaluate(
                 geometry[s : s + len(chunk)] = chunk.geometry
             for j in range(len(chunk)):
                 ref, ev = chunk.dose[j], pred[j]
-                row: dict[str, Any] = {
+                row: BeamletResult = {
                     "index": s + j,
                     "energy_mev": float(chunk.energy[j]),
                     "relative_error_percent": float(relative_error_percent(ref, ev)),
@@ -141,7 +141,7 @@ def evaluate(
         meta = f.meta
         energies = f.energy[:n]
 
-    summary: dict[str, Any] = {
+    summary: EvaluationSummary = {
         "beamlets": n,
         "gamma": {
             c.name: summarize(np.array([r["pass_rate_percent"][c.name] for r in per_beamlet])) for c in crits
@@ -154,7 +154,8 @@ def evaluate(
     }
     from dota import __version__
 
-    result = {
+    result: MetricsFile = {
+        "version": METRICS_VERSION,
         "reference": str(reference),
         "reference_engine": ref_attrs.get("engine"),
         "reference_primaries": ref_attrs.get("primaries"),
@@ -164,6 +165,7 @@ def evaluate(
         "criteria": [c.name for c in crits],
         "protocol": "global gamma; reference < 0.1 % of max and evaluated < 0.5 % set to 0; "
         "pass rate = 1 - N(gamma>1)/N(gamma>0) (Pastor-Serrano & Perko 2022)",
+        "voxel_mm": [float(v) for v in voxel_mm],
         "summary": summary,
         "paper": {
             "dota_gamma_1pct_3mm": PAPER_GAMMA_PASS_DOTA,
@@ -198,6 +200,102 @@ def evaluate(
 #: What :func:`evaluate` writes into its folder (names and glob patterns, for :func:`~dota.fileio.check_output`).
 EVALUATE_OUTPUTS: tuple[str, ...] = ("metrics.json", "predictions.h5", "pass_rates.png", "failures_by_depth.png",
                                      "error_vs_energy.png")
+
+
+# -- metrics.json ------------------------------------------------------------------------------------
+
+#: Version of the layout of ``metrics.json`` (:class:`MetricsFile`); raised when a key changes meaning.
+METRICS_VERSION = 1
+
+class Stats(TypedDict):
+    """Statistics of per-beamlet values (:func:`dota.evaluation.metrics.summarize`; None when there are none)."""
+
+    n: int
+    n_nan: int
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+    p1: float | None
+    p5: float | None
+    p25: float | None
+    p50: float | None
+    p75: float | None
+    p95: float | None
+    p99: float | None
+
+
+class GroupSummary(TypedDict):
+    """Gamma pass rates (per criterion), relative error and R80 range error of a group of beamlets."""
+
+    beamlets: int
+    gamma: dict[str, Stats]
+    relative_error_percent: Stats
+    range_error_mm: Stats
+
+
+class EvaluationSummary(GroupSummary):
+    """All beamlets, the engine's time, and the same per site and per energy band."""
+
+    engine_ms_per_beamlet: float
+    by_site: dict[str, GroupSummary]
+    by_energy: dict[str, GroupSummary]
+
+
+class BeamletResult(TypedDict):
+    """One beamlet's results (``per_beamlet``); ``source``, ``patient`` and ``site`` when the reference
+    records where its geometry came from."""
+
+    index: int
+    energy_mev: float
+    relative_error_percent: float
+    range_error_mm: float
+    max_dose_ref: float
+    max_dose_eval: float
+    pass_rate_percent: dict[str, float]
+    source: NotRequired[str]
+    patient: NotRequired[str]
+    site: NotRequired[str]
+
+
+class PaperFigures(TypedDict):
+    dota_gamma_1pct_3mm: float
+    pencil_beam_gamma_1pct_3mm: float
+    dota_relative_error_percent: float
+    pencil_beam_relative_error_percent: float
+
+
+class EvaluateProvenance(TypedDict):
+    dota_version: str
+    python: str
+    command: str
+    created: str
+
+
+class MetricsFile(TypedDict):
+    """``metrics.json``: what :func:`evaluate` writes and returns."""
+
+    version: int
+    reference: str
+    reference_engine: str | None
+    reference_primaries: float | None
+    engine: str
+    engine_version: str
+    model: str | None
+    criteria: list[str]
+    protocol: str
+    voxel_mm: list[float]
+    summary: EvaluationSummary
+    paper: PaperFigures
+    failures_by_depth: dict[str, list[float]]  # criterion -> fraction of evaluated voxels failing, per slice
+    per_beamlet: list[BeamletResult]
+    provenance: EvaluateProvenance
+
+
+def read_metrics(path: str | Path) -> MetricsFile:
+    """``metrics.json`` read and checked; :class:`~dota.errors.DataFileError` (one line naming the file and
+    the key) when a key is missing or of the wrong type."""
+    return read_json(path, MetricsFile, METRICS_VERSION)
 
 
 def _model_path(model: Any) -> str | None:
@@ -278,43 +376,14 @@ def predict_file(
                              attrs={**eng.file_attrs(), "model": str(model)}, voxel_mm=f.voxel_mm, meta=f.meta)
 
 
-def plot_evaluation(result: dict[str, Any], out_dir: Path) -> None:
-    """pass_rates.png (histogram), failures_by_depth.png, error_vs_energy.png."""
-    import matplotlib
+def plot_evaluation(result: MetricsFile, out_dir: Path) -> list[Path]:
+    """pass_rates.png (histogram), failures_by_depth.png, error_vs_energy.png: the report's accuracy figures
+    for this one evaluation."""
+    from dota.report import figures as F
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["per_beamlet"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name in result["criteria"]:
-        rates = [r["pass_rate_percent"][name] for r in rows]
-        ax.hist(rates, bins=np.linspace(min(80.0, min(rates)), 100, 41), alpha=0.6, label=f"{name} (mean {np.mean(rates):.2f} %)")
-    ax.axvline(PAPER_GAMMA_PASS_DOTA, color="k", ls="--", lw=1, label=f"DoTA paper mean {PAPER_GAMMA_PASS_DOTA} %")
-    ax.set_xlabel("gamma pass rate per beamlet (%)")
-    ax.set_ylabel("beamlets")
-    ax.set_title(f"{result['engine']} vs {result['reference_engine']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "pass_rates.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name, frac in result["failures_by_depth"].items():
-        ax.plot(np.arange(len(frac)) * 2.0, 100 * np.asarray(frac), label=name)
-    ax.set_xlabel("depth (mm, 2 mm slices)")
-    ax.set_ylabel("failing voxels (% of evaluated)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "failures_by_depth.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.scatter([r["energy_mev"] for r in rows], [r["relative_error_percent"] for r in rows], s=12)
-    ax.set_xlabel("energy (MeV)")
-    ax.set_ylabel("relative error, 100 x mean|diff| / max (%)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "error_vs_energy.png", dpi=110)
-    plt.close(fig)
+    series = [F.eval_series(result, f"{result['engine']} vs {result['reference_engine'] or 'reference'}")]
+    return [
+        F.gamma_histogram_figure(series, out_dir / "pass_rates.png"),
+        F.failures_by_depth_figure(series, out_dir / "failures_by_depth.png"),
+        F.error_vs_energy_figure(series, out_dir / "error_vs_energy.png"),
+    ]

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from dota.constants import BLOCK_SHAPE, HU_CLIP, VOXEL_MM
+from dota.engines.base import beamlet_seed
 from dota.errors import DataFileError, DiskFullError, InputError
 from dota.fileio import atomic_write, check_output, is_disk_full
 
@@ -57,9 +58,9 @@ class BeamletSpec:
 
     @property
     def seed(self) -> int:
-        """The engine's seed for this beamlet (e.g. MCsquare's RNG_Seed), in 1 .. 2**31 - 1."""
-        state = np.random.SeedSequence(self.master_seed, spawn_key=(self.index, 1)).generate_state(1)[0]
-        return int(state % (2**31 - 2)) + 1
+        """The engine's seed for this beamlet (e.g. MCsquare's RNG_Seed), in 1 .. 2**31 - 1: stream 1,
+        :func:`dota.engines.base.beamlet_seed`."""
+        return beamlet_seed(self.master_seed, self.index)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,10 +293,7 @@ def run_group(specs: Sequence[BeamletSpec], engine: str, engine_kwargs_json: str
     geometry = np.stack(blocks)
     energy = np.array([s.energy_mev for s in specs], dtype=np.float32)
     seeds = np.array([s.seed for s in specs], dtype=np.int64)
-    if getattr(eng, "accepts_seeds", False):
-        dose = eng.dose(geometry, energy, voxel_mm, seeds=seeds.tolist())
-    else:
-        dose = eng.dose(geometry, energy, voxel_mm)
+    dose = eng.dose(geometry, energy, voxel_mm, seeds=seeds.tolist())
     return {
         "index": np.array([s.index for s in specs], dtype=np.int64),
         "geometry": geometry,

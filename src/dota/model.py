@@ -24,7 +24,7 @@ from dota.constants import BLOCK_SHAPE, HU_CLIP, PAPER_ENERGY_RANGE_MEV, VOXEL_M
 from dota.errors import InputError
 
 #: What a model's dose is added to: nothing, or the analytic pencil-beam engine's dose.
-BASE_ENGINES: tuple[str, ...] = ("", "analytic")
+BASE_ENGINES: tuple[str, ...] = ("", "analytic", "analytic-bdl")
 
 
 @dataclass(frozen=True)
@@ -334,7 +334,8 @@ class DoTA(nn.Module):
             return None
         from dota.engines.analytic import AnalyticEngine
 
-        dose = AnalyticEngine().dose(geometry_hu, energies_mev, self.config.voxel_mm)
+        spot_model = "beam-model" if self.config.base_engine == "analytic-bdl" else "dota"
+        dose = AnalyticEngine(spot_model=spot_model).dose(geometry_hu, energies_mev, self.config.voxel_mm)
         return torch.from_numpy(dose).to(self.device) / float(self.normalization.dose_max)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:

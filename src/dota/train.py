@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ from dota.errors import DataFileError, InputError, TrainingError
 from dota.fileio import check_output
 from dota.model import DoTA, DoTAConfig, init_weights
 from dota.optim import Lamb
+from dota.report.schema import read_json
+from dota.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +123,6 @@ def _config_for(config: TrainConfig | dict[str, Any] | None, saved: dict[str, An
     return cfg
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; an explicit ``cuda`` without a GPU is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda requested but no CUDA GPU is available (use --device cpu)")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise InputError(f"unknown device {name!r}: use auto, cpu or cuda")
-    return torch.device(name)
-
-
 class _Dist:
     """Rank/world bookkeeping; a no-op outside torchrun."""
 
@@ -173,7 +164,7 @@ def train(
     on_step: Callable[[int, int], None] | None = None,
     time_budget_s: float | None = None,
     command: str | None = None,
-) -> dict[str, Any]:
+) -> TrainSummary:
     """Train a DoTA model on dataset file(s) ``data``; write checkpoints, history and plot to ``out_dir``.
 
     ``val_data`` gives a separate validation file; otherwise ``val_fraction`` of ``data`` is held out.
@@ -186,7 +177,7 @@ def train(
     ``time_budget_s`` stops after the last epoch that is expected to finish within the budget (the
     run can be continued later with ``resume``; the stopping point then depends on timing).
     ``command`` is recorded in ``summary.json`` (the CLI passes its command line) for the report.
-    Returns a summary dict (also written to ``out_dir/summary.json``).
+    Returns the summary (:class:`TrainSummary`, also written to ``out_dir/summary.json``).
     """
     out_dir = Path(out_dir)
     paths = [Path(p) for p in (data if isinstance(data, list) else [data])]
@@ -248,7 +239,7 @@ def train(
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         raise InputError(f"unknown optimizer {cfg.optimizer!r}: use lamb or adamw")
-    history: list[dict[str, Any]] = []
+    history: list[EpochRecord] = []
     start_epoch, start_step, best_val = 0, 0, math.inf
     run_sums = [0.0, 0.0]
     if state is not None:
@@ -340,7 +331,7 @@ def train(
             if pbar is not None:
                 pbar.close()
             raise diverged("validation loss", val_loss, epoch, None)
-        record = {
+        record: EpochRecord = {
             "epoch": epoch + 1,
             "train_loss": run_sums[0] / max(run_sums[1], 1),
             "val_loss": val_loss,
@@ -378,11 +369,13 @@ def train(
         pbar.close()
     train_ds.close()
     val_ds.close()
-    summary = {
+    summary: TrainSummary = {
+        "version": SUMMARY_VERSION,
         "out_dir": str(out_dir),
         "data": [str(p) for p in paths],
         "val_data": None if val_data is None else str(val_data),
         "command": command,
+        "config": asdict(cfg),
         "best_checkpoint": str(out_dir / BEST_FILE) if (out_dir / BEST_FILE).is_file() else None,
         "best_val_loss": best_val,
         "epochs": cfg.epochs,
@@ -441,8 +434,65 @@ def validate_cached_path(model: DoTA, ds: BeamletDataset, n: int) -> dict[str, f
     }
 
 
-def write_history(history: list[dict[str, Any]], out_dir: Path) -> None:
-    """history.json, history.csv and history.png (loss curves, lr, cached-path check)."""
+# -- summary.json and history.json ------------------------------------------------------------------
+
+#: Version of the layout of ``summary.json`` (:class:`TrainSummary`); raised when a key changes meaning.
+SUMMARY_VERSION = 1
+
+
+class EpochRecord(TypedDict):
+    """One epoch of ``history.json`` (and of the summary's ``history``); the ``cache_*`` keys when the
+    cached inference path was checked (:func:`validate_cached_path`)."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    lr: float
+    seconds: float
+    cache_max_abs_diff_rel: NotRequired[float]
+    cache_tail_rel: NotRequired[float]
+    cache_computed_fraction: NotRequired[float]
+    cache_engine_ms: NotRequired[float]
+    cache_baseline_ms: NotRequired[float]
+    cache_speedup: NotRequired[float]
+
+
+class TrainSummary(TypedDict):
+    """``summary.json``: what :func:`train` writes at the end of a run and returns."""
+
+    version: int
+    out_dir: str
+    data: list[str]
+    val_data: str | None
+    command: str | None
+    config: TrainConfig  # its fields, as asdict() gives them
+    best_checkpoint: str | None
+    best_val_loss: float
+    epochs: int
+    epochs_done: int
+    stopped_early: bool
+    train_beamlets: int
+    val_beamlets: int
+    parameters: int
+    world_size: int
+    history: list[EpochRecord]
+
+
+def read_summary(path: str | Path) -> TrainSummary:
+    """``summary.json`` read and checked; :class:`~dota.errors.DataFileError` (one line naming the file and
+    the key) when a key is missing or of the wrong type."""
+    return read_json(path, TrainSummary, SUMMARY_VERSION)
+
+
+def read_history(path: str | Path) -> list[EpochRecord]:
+    """``history.json`` (written after every epoch, so also for a run still going) read and checked."""
+    return read_json(path, list[EpochRecord])
+
+
+def write_history(history: list[EpochRecord], out_dir: Path) -> None:
+    """history.json, history.csv and history.png (the report's training figure)."""
+    from dota.report.figures import training_figure
+
     atomic_write(out_dir / "history.json", lambda t: Path(t).write_text(json.dumps(history, indent=2)))
     keys = list(dict.fromkeys(k for r in history for k in r))
 
@@ -453,37 +503,4 @@ def write_history(history: list[dict[str, Any]], out_dir: Path) -> None:
             w.writerows(history)
 
     atomic_write(out_dir / "history.csv", write_csv)
-    plot_history(history, out_dir / "history.png")
-
-
-def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax = axes[0]
-    ax.semilogy(epochs, [r["train_loss"] for r in history], "o-", label="training")
-    ax.semilogy(epochs, [r["val_loss"] for r in history], "s-", label="validation")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("MSE (scaled dose)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    ax2 = ax.twinx()
-    ax2.step(epochs, [r["lr"] for r in history], where="mid", color="grey", alpha=0.5)
-    ax2.set_ylabel("learning rate", color="grey")
-    ax = axes[1]
-    if any("cache_max_abs_diff_rel" in r for r in history):
-        ax.semilogy(epochs, [max(r.get("cache_max_abs_diff_rel", np.nan), 1e-12) for r in history], "o-")
-        ax.axhline(1e-5, color="red", ls="--", label="exactness bound 1e-5")
-        ax.set_ylabel("cached vs plain pass: max |diff| / max dose")
-        ax.set_xlabel("epoch")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    else:
-        ax.set_axis_off()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    training_figure(history, out_dir / "history.png")

@@ -1,8 +1,10 @@
-"""MCsquare engine: install, files, beam model, and (marked ``mc``) physics validated against PSTAR."""
+"""MCsquare engine: install, files, beam model, seeds, runs (with a stand-in binary), the ``dota mcsquare``
+command, and (marked ``mc``) physics validated against PSTAR."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import stat
 import zipfile
@@ -12,7 +14,10 @@ import numpy as np
 import pytest
 
 from dota.engines import mcsquare as mc
+from dota.engines.mcsquare.install import _BUILDS, _WHEEL_MCSQUARE_DIR
 from dota.errors import EngineUnavailableError, InputError
+from dota.generate import BeamletSpec
+from tests.engines.mcsquare_stand_in import FAILING_SEED, install_stand_in, logged_seeds
 
 PSTAR = Path(__file__).resolve().parents[3] / "shared" / "reference" / "pstar_water_csda.csv"
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden_mc.h5"
@@ -73,9 +78,9 @@ def test_missing_engine_says_how_to_install(tmp_path: Path) -> None:
 
 
 def _fake_wheel(path: Path) -> Path:
-    base = mc._WHEEL_MCSQUARE_DIR
+    base = _WHEEL_MCSQUARE_DIR
     with zipfile.ZipFile(path, "w") as zf:
-        for build, _ in mc._BUILDS:
+        for build, _ in _BUILDS:
             zf.writestr(base + build, b"\x7fELF fake")
         zf.writestr(base + "MCsquare_win.exe", b"MZ")
         zf.writestr(base + "MCsquare", b"#!/bin/bash\r\necho hi\r\n")
@@ -91,7 +96,7 @@ def test_install_from_wheel_fixes_launcher_and_run_bits(tmp_path: Path) -> None:
     wheel = _fake_wheel(tmp_path / "opentps_core-2.0.0-py3-none-any.whl")
     root = mc.install_mcsquare(tmp_path / "cache", wheel=wheel)
     assert (root / "MCsquare").read_bytes() == b"#!/bin/bash\necho hi\n"
-    for build, _ in mc._BUILDS:
+    for build, _ in _BUILDS:
         assert (root / build).stat().st_mode & stat.S_IXUSR
     assert not (root / "MCsquare_win.exe").exists()
     assert not (root / "Materials" / "__init__.py").exists()
@@ -146,12 +151,84 @@ def test_engine_rejects_bad_parameters(need_mcsquare: None) -> None:
         eng.dose(np.zeros((10, 4, 4), np.float32), [30.0])
 
 
+def test_the_package_has_no_second_command_line() -> None:
+    """``dota mcsquare install|where|beam-model`` is the one way; ``python -m dota.engines.mcsquare`` is gone."""
+    assert not hasattr(mc, "main")
+    assert importlib.util.find_spec("dota.engines.mcsquare.__main__") is None
+    for name in ("MCsquareEngine", "install_mcsquare", "find_mcsquare", "select_build", "runnable_build",
+                 "read_beam_model", "beam_model_path", "extend_beam_model", "format_beam_model", "write_mhd",
+                 "read_mhd", "build_dota_scanner", "read_material_bins", "material_stopping_power_ratio",
+                 "HU_CALIBRATIONS", "BEAM_MODEL_FILE", "EXTENSION_ENERGIES_MEV", "default_cache_dir"):
+        assert name in mc.__all__ and hasattr(mc, name), name
+
+
+def test_a_direct_call_and_dota_generate_give_a_beamlet_the_same_seed(tmp_path: Path, monkeypatch) -> None:
+    log = install_stand_in(tmp_path, monkeypatch)
+    eng = mc.MCsquareEngine(primaries=10, seed=5, hu_calibration="water")
+    eng.dose(np.zeros((3, 6, 4, 4), np.float32), [100.0, 110.0, 120.0])
+    generated = [BeamletSpec(index=i, energy_mev=100.0, source="phantom:water", master_seed=5).seed for i in range(3)]
+    assert logged_seeds(log) == generated == [657807347, 440268364, 1558476884]
+    eng.dose(np.zeros((2, 6, 4, 4), np.float32), [100.0, 110.0], seeds=[7, 8])
+    assert logged_seeds(log)[3:] == [7, 8]
+    with pytest.raises(InputError, match="2 seeds for 1 beamlets"):
+        eng.dose(np.zeros((1, 6, 4, 4), np.float32), [100.0], seeds=[7, 8])
+    with pytest.raises(InputError, match="seeds must lie in"):
+        eng.dose(np.zeros((1, 6, 4, 4), np.float32), [100.0], seeds=[0])
+
+
+def test_beamlet_blocks_reach_mcsquare_and_come_back_in_the_same_frame(tmp_path: Path, monkeypatch) -> None:
+    install_stand_in(tmp_path, monkeypatch)
+    eng = mc.MCsquareEngine(primaries=10, hu_calibration="water")
+    rng = np.random.default_rng(0)
+    block = rng.uniform(-1000, 2000, (1, 7, 4, 5)).astype(np.float32)
+    block[0, 0, 0, 0] = 5000.0  # beyond HU_CLIP: MCsquare gets 3000
+    dose = eng.dose(block, [100.0], voxel_mm=(1.0, 2.0, 3.0))  # the stand-in's dose is the CT it got
+    np.testing.assert_allclose(dose, np.clip(block, -1000, 3000) * mc.EV_PER_G_TO_GY * 1e9, rtol=1e-6)
+
+
+def test_simulate_keeps_its_files_and_names_the_job_on_failure(tmp_path: Path, monkeypatch) -> None:
+    install_stand_in(tmp_path, monkeypatch)
+    eng = mc.MCsquareEngine(primaries=123, threads=2, hu_calibration="water")
+    ct = np.zeros((2, 3, 4), np.float32)
+    dose = eng.simulate(ct, (1.0, 2.0, 3.0), "a plan\n", 42, folder=tmp_path / "run")
+    assert dose.shape == (2, 3, 4)
+    assert (tmp_path / "run" / "plan.txt").read_text() == "a plan\n"
+    assert (tmp_path / "run" / "config.txt").read_text() == eng.config_text(42)
+    assert "ElementSpacing = 1 2 3" in (tmp_path / "run" / "CT.mhd").read_text()
+    config = dict(line.split(" ", 1) for line in eng.config_text(42).splitlines())
+    assert (config["RNG_Seed"], config["Num_Primaries"], config["Num_Threads"]) == ("42", "123", "2")
+    assert config["BDL_Machine_Parameter_File"] == str(mc.beam_model_path())
+    with pytest.raises(EngineUnavailableError, match=r"failed on the plan \(exit 3\): ERROR: stand-in refuses"):
+        eng.simulate(ct, (1.0, 2.0, 3.0), "a plan\n", FAILING_SEED, job="the plan")
+
+
+def test_dota_mcsquare_install_takes_a_local_wheel(tmp_path: Path, monkeypatch, capsys) -> None:
+    from dota.cli import main
+
+    wheel = _fake_wheel(tmp_path / "opentps_core-2.0.0-py3-none-any.whl")
+    monkeypatch.setattr(mc, "runnable_build", lambda root: "MCsquare_linux")  # the fake builds do not run
+    assert main(["mcsquare", "install", "--cache-dir", str(tmp_path / "cache"), "--wheel", str(wheel)]) == 0
+    assert (tmp_path / "cache" / "Materials" / "list.dat").is_file()
+    assert "build that runs on this CPU: MCsquare_linux" in capsys.readouterr().out
+
+
+def test_dota_mcsquare_beam_model_rebuilds_the_shipped_model(need_mcsquare: None, tmp_path: Path, capsys) -> None:
+    from dota.cli import main
+
+    out = tmp_path / "bdl.txt"
+    assert main(["mcsquare", "beam-model", "--out", str(out)]) == 0
+    assert out.read_text() == mc.beam_model_path().read_text()
+    assert main(["mcsquare", "beam-model", "--out", str(out)]) == 2  # the one --out rule: no silent overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["mcsquare", "beam-model"]) == 2
+
+
 # -- MCsquare runs --------------------------------------------------------------------------------------
 
 
 @pytest.mark.mc
 def test_committed_beam_model_is_reproducible(need_mcsquare: None) -> None:
-    shipped = mc.read_beam_model(mc.find_mcsquare().root / "BDL" / "BDL_default_DN_RangeShifter.txt")
+    shipped = mc.read_beam_model(mc.find_mcsquare().root / mc.SHIPPED_BEAM_MODEL)
     assert mc.format_beam_model(mc.extend_beam_model(shipped)) == mc.beam_model_path().read_text()
 
 

@@ -8,14 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dota.bench import read_bench
 from dota.cli import main
 from dota.constants import PAPER_GAMMA_PASS_DOTA, PAPER_GAMMA_PASS_PENCIL_BEAM
 from dota.errors import InputError
+from dota.evaluate import read_metrics
 from dota.report import build_report, discover_inputs, find_report, serve_report, view_report
 from dota.report.dose import choose_beamlets, load_views, slice_data
-from dota.report.inputs import Benchmark, Evaluation, resolve_reference
+from dota.report.figures import batch_curves, scenario_timing
+from dota.report.inputs import Evaluation, resolve_reference
 from dota.report.page import Page
-from dota.report.speed import batch_curves, scenario_timing
 
 
 class _Page(HTMLParser):
@@ -94,11 +96,20 @@ def test_report_from_demo_folder_is_complete_and_offline(built_report, demo_dir)
     assert {len(base64.b64decode(v)) for v in data["luts"].values()} == {768}
     text = page.all_text
     assert str(PAPER_GAMMA_PASS_DOTA) in text and str(PAPER_GAMMA_PASS_PENCIL_BEAM) in text
-    assert "energy_sweep" in text and "3.20x" in text and "first call in the process" in text
-    assert "test CPU" in text and "slack min / p10 / median / max (mm)" in text
-    assert "dota train DATA" in text and "--preset tiny" in text  # rebuilt training command
-    metrics = json.loads((demo_dir / "evaluate" / "metrics.json").read_text())
+    bench = read_bench(demo_dir / "bench" / "bench.json")
+    sweep = bench["scenarios"][0]
+    assert sweep["name"] == "energy_sweep" and f"{sweep['speedup']:.2f}x" in text
+    assert "first call in the process" in text and bench["machine"]["cpu"] in text
+    assert "slack min / p10 / median / max (mm)" in text and "Engine path per kind of request" in text
+    assert "beamlets the tail check recomputed" in text and "analytic pencil beam ms per beamlet" in text
+    assert f"{sweep['analytic_speedup']:.2f}x" in text
+    # rebuilt training command: the data and settings recorded in summary.json
+    assert f"dota train {demo_dir / 'data' / 'train.h5'}" in text and "--preset tiny" in text
+    metrics = read_metrics(demo_dir / "evaluate" / "metrics.json")
     assert metrics["provenance"]["command"] in text
+    assert set(metrics["summary"]["by_site"]) == {"phantom", "head_neck"}
+    assert "By site and by energy band" in text and "head_neck" in text
+    assert next(iter(metrics["summary"]["by_energy"])) in text
     assert "dota report DEMO --no-analytic" in text
     assert "no training run" not in text and "no benchmark" not in text
     names = {Path(s).name for s in page.imgs}
@@ -157,7 +168,6 @@ def test_choose_beamlets_worst_median_best_and_ties(tmp_path):
     assert [(t, i) for t, i, _ in picks] == [("worst", 4), ("median", 3), ("best", 2)]
     one = Evaluation(tmp_path, {"per_beamlet": rows[:1]})
     assert [(t, i) for t, i, _ in choose_beamlets(one, "1%/3mm")] == [("worst", 0)]
-    assert choose_beamlets(one, "3%/3mm") == []
 
 
 def one_beamlet_evaluation(demo_dir: Path, folder: Path, engine: str | None = None) -> Path:
@@ -208,26 +218,27 @@ def test_other_engines_in_profiles(demo_dir, tmp_path, monkeypatch):
     assert any("analytic dose" in n and "boom" in n for n in page.notes)
 
 
-def test_bench_json_read_defensively(tmp_path):
-    t = scenario_timing({"scenario": "s", "baseline_ms": 10.0, "engine_ms": {"p50": 4.0, "p10": 3.0, "p90": 5.0}})
-    assert t.name == "s" and t.speedup == pytest.approx(2.5) and t.engine_ms.p90 == 5.0
-    t = scenario_timing({"name": "x", "speedup": {"median": 2.0, "p10": 1.5, "p90": 2.5}})
-    assert t.speedup == 2.0 and t.speedup_range == (1.5, 2.5) and t.baseline_ms is None
-    b = Benchmark(
-        tmp_path,
-        {
-            "scenarios": {
-                "a_bs1": {"batch_size": 1, "baseline_ms": 8, "engine_ms": 4},
-                "a_bs4": {"batch_size": 4, "baseline_ms": 6, "engine_ms": 2},
-            },
-            "batch_sizes": [{"batch_size": 2, "engine_ms": 1}],
-        },
+def test_bench_figures_inputs_and_a_bad_file(demo_dir, tmp_path):
+    bench = read_bench(demo_dir / "bench" / "bench.json")
+    sweep, batch = bench["scenarios"]
+    t = scenario_timing(sweep)
+    assert t.name == "energy_sweep" and t.speedup == sweep["speedup"]
+    assert t.speedup_range == (
+        sweep["baseline_ms"]["p10"] / sweep["engine_ms"]["p90"],
+        sweep["baseline_ms"]["p90"] / sweep["engine_ms"]["p10"],
     )
-    assert batch_curves(b) == {"a": [(1.0, 8.0, 4.0), (4.0, 6.0, 2.0)]}
-    (tmp_path / "bench.json").write_text(json.dumps({"scenarios": [{"oops": 1}, "junk"]}))
-    index = build_report(tmp_path, tmp_path / "report")
+    curves = batch_curves(bench["scenarios"])
+    assert list(curves) == ["batch"] and [p[0] for p in curves["batch"]] == [1, 3]
+    assert curves["batch"][0][2].median == batch["batch_curve"][0]["engine_ms"]["median"]
+
+    # a bench.json that does not match the schema: the reader's one line becomes a note
+    (tmp_path / "bench").mkdir()
+    del bench["scenarios"][0]["warmup_ms"]
+    (tmp_path / "bench" / "bench.json").write_text(json.dumps(bench))
+    index = build_report(tmp_path / "bench", tmp_path / "report")
     text = parse(index).all_text
-    assert "no 'machine' record" in text and "?" in text
+    assert f"{tmp_path / 'bench' / 'bench.json'}: key scenarios[0].warmup_ms is missing; skipped" in text
+    assert "no benchmark" in text
 
 
 def test_resolve_reference_demo_layout(tmp_path):
@@ -237,7 +248,6 @@ def test_resolve_reference_demo_layout(tmp_path):
     ev.mkdir()
     assert resolve_reference("elsewhere/data/test.h5", ev) == tmp_path / "data" / "test.h5"
     assert resolve_reference("missing.h5", ev) is None
-    assert resolve_reference(None, ev) is None
 
 
 def test_cli_report_and_view(demo_dir, tmp_path, capsys, monkeypatch):

@@ -1,5 +1,5 @@
-"""Dose engines behind one interface: ``get_engine("analytic" | "mcsquare" | "dota")``."""
+"""Dose engines behind one interface: ``get_engine("analytic" | "analytic-bdl" | "mcsquare" | "dota")``."""
 
-from dota.engines.base import DoseEngine, available_engines, get_engine, register_engine
+from dota.engines.base import DoseEngine, available_engines, beamlet_seed, get_engine, register_engine
 
-__all__ = ["DoseEngine", "available_engines", "get_engine", "register_engine"]
+__all__ = ["DoseEngine", "available_engines", "beamlet_seed", "get_engine", "register_engine"]

@@ -72,6 +72,53 @@ def _lateral_profiles(centre_mm: np.ndarray, sigma_mm: np.ndarray, count: int, s
     return (torch.erfc(lo * side) - torch.erfc(hi * side)).abs_().mul_(0.5 / spacing_mm)
 
 
+#: Spot models: "dota" (one round Gaussian, :func:`dota.physics.spot_sigma_mm`) or "beam-model" (the
+#: double-Gaussian, elliptical spot of the MCsquare beam model the Monte Carlo data use).
+SPOT_MODELS: tuple[str, ...] = ("dota", "beam-model")
+
+
+def beam_model_spot(energy_mev: float) -> list[tuple[float, float, float]]:
+    """The MCsquare beam model's spot at the isocentre (the block entrance): ``[(weight, sigma_rows_mm,
+    sigma_cols_mm)]`` for its core and halo Gaussians.
+
+    Each Gaussian's parameters are interpolated linearly in nominal energy (as MCsquare does) and
+    propagated through air from the nozzle exit: ``sigma^2 = s^2 + 2 rho s theta d + theta^2 d^2``
+    (spot size s, divergence theta, correlation rho, distance d). The beam model's y axis (along the
+    gantry axis) runs along block rows and its x axis along block columns, as in
+    :class:`dota.engines.mcsquare.MCsquareEngine` (checked on Monte Carlo beamlets: rows are wider).
+    """
+    table, columns, distance = _beam_model_table()
+    e = float(energy_mev)
+    nominal = table[:, columns.index("NominalEnergy")]
+
+    def col(name: str) -> float:
+        return float(np.interp(e, nominal, table[:, columns.index(name)]))
+
+    def sigma(axis: str, n: int) -> float:
+        s, t, rho = col(f"SpotSize{n}{axis}"), col(f"Divergence{n}{axis}"), col(f"Correlation{n}{axis}")
+        return math.sqrt(s * s + 2.0 * rho * s * t * distance + (t * distance) ** 2)
+
+    w1 = col("Weight1")
+    return [(w1, sigma("y", 1), sigma("x", 1)), (1.0 - w1, sigma("y", 2), sigma("x", 2))]
+
+
+_BEAM_MODEL_CACHE: list = []
+
+
+def _beam_model_table() -> tuple[np.ndarray, tuple[str, ...], float]:
+    if not _BEAM_MODEL_CACHE:
+        import re
+
+        from dota.engines.mcsquare import beam_model_path, read_beam_model
+
+        bm = read_beam_model(beam_model_path())
+        found = re.search(r"Nozzle exit to Isocenter distance\s+([0-9.]+)", bm.header)
+        if not found:
+            raise InputError(f"{beam_model_path()} does not give the nozzle-to-isocentre distance")
+        _BEAM_MODEL_CACHE.append((bm.table, bm.columns, float(found.group(1))))
+    return _BEAM_MODEL_CACHE[0]
+
+
 @register_engine("analytic")
 class AnalyticEngine(DoseEngine):
     """Analytic pencil-beam engine (see the module docstring): fast baseline and test fixture, not ground truth.
@@ -81,6 +128,9 @@ class AnalyticEngine(DoseEngine):
     spot_sigma_mm : float, optional
         One-sigma spot size in air at the block entrance, mm, for every energy; by default the
         energy-dependent :func:`dota.physics.spot_sigma_mm` (6.0 mm at 70 MeV to 2.8 mm at 225 MeV).
+    spot_model : {"dota", "beam-model"}
+        ``"beam-model"`` takes the spot of the MCsquare beam model instead (:func:`beam_model_spot`:
+        elliptical core, 3-6 % of the protons in a wide halo); registered as the engine ``analytic-bdl``.
     """
 
     name = "analytic"
@@ -89,16 +139,33 @@ class AnalyticEngine(DoseEngine):
     hu_calibration = HU_CALIBRATION_NAME
     energy_range_mev = ENGINE_ENERGY_RANGE_MEV
 
-    def __init__(self, spot_sigma_mm: float | None = None) -> None:
+    def __init__(self, spot_sigma_mm: float | None = None, spot_model: str = "dota") -> None:
         if spot_sigma_mm is not None and not (np.isfinite(spot_sigma_mm) and spot_sigma_mm > 0):
             raise InputError(f"spot_sigma_mm must be a positive number of mm, got {spot_sigma_mm!r}")
+        if spot_model not in SPOT_MODELS:
+            raise InputError(f"spot_model must be one of {SPOT_MODELS}, got {spot_model!r}")
+        if spot_sigma_mm is not None and spot_model != "dota":
+            raise InputError("spot_sigma_mm sets the spot of the 'dota' spot model only")
         self.spot_sigma_mm = None if spot_sigma_mm is None else float(spot_sigma_mm)
+        self.spot_model = spot_model
+        if spot_model == "beam-model":
+            self.name = "analytic-bdl"
+            self.version = "1.0 (spot of the MCsquare beam model)"
+
+    def spot_components(self, energy_mev: float) -> list[tuple[float, float, float]]:
+        """The spot at the block entrance as Gaussians ``(weight, sigma_rows_mm, sigma_cols_mm)``."""
+        if self.spot_model == "beam-model":
+            return beam_model_spot(energy_mev)
+        spot = self.spot_sigma_mm if self.spot_sigma_mm is not None else float(spot_sigma_mm(energy_mev))
+        return [(1.0, spot, spot)]
 
     def dose(
         self,
         geometry_hu: np.ndarray,
         energies_mev: np.ndarray | Sequence[float] | float,
         voxel_mm: Sequence[float] = VOXEL_MM,
+        *,
+        seeds: Sequence[int] | None = None,
     ) -> np.ndarray:
         """Dose to water, Gy per 1e9 primaries, float32 (N, L, H, W).
 
@@ -110,6 +177,8 @@ class AnalyticEngine(DoseEngine):
             Nominal energies, within ``ENGINE_ENERGY_RANGE_MEV`` (70-225 MeV).
         voxel_mm : (depth, row, col)
             Voxel size in mm.
+        seeds
+            Ignored: the engine is deterministic.
         """
         geometry, energies = check_beamlets(geometry_hu, energies_mev, energy_range_mev=ENGINE_ENERGY_RANGE_MEV)
         voxel = check_voxel_mm(voxel_mm)
@@ -122,13 +191,16 @@ class AnalyticEngine(DoseEngine):
         dz, dy, dx = voxel
         _, rows, cols = hu.shape
         table = water_depth_dose(energy_mev)
-        spot = self.spot_sigma_mm if self.spot_sigma_mm is not None else float(spot_sigma_mm(energy_mev))
+        spots = self.spot_components(energy_mev)
 
-        # sub-pencils: own width ~ one voxel (at most spot/sqrt 2), Gaussian weights carry the rest of the spot
-        sub_y, sub_x = min(dy, spot / math.sqrt(2.0)), min(dx, spot / math.sqrt(2.0))
-        weights = np.outer(
-            _lattice_weights(rows, dy, math.sqrt(spot**2 - sub_y**2)),
-            _lattice_weights(cols, dx, math.sqrt(spot**2 - sub_x**2)),
+        # sub-pencils: own width ~ one voxel (at most the core's sigma/sqrt 2), Gaussian weights carry the
+        # rest of the spot (every Gaussian component of it)
+        _, core_y, core_x = spots[0]
+        sub_y, sub_x = min(dy, core_y / math.sqrt(2.0)), min(dx, core_x / math.sqrt(2.0))
+        weights = sum(
+            w * np.outer(_lattice_weights(rows, dy, math.sqrt(sy**2 - sub_y**2)),
+                         _lattice_weights(cols, dx, math.sqrt(sx**2 - sub_x**2)))
+            for w, sy, sx in spots
         )
         idx_r, idx_c = np.nonzero(weights >= SUBPENCIL_WEIGHT_CUTOFF * weights.max())
         weight = weights[idx_r, idx_c]
@@ -149,3 +221,9 @@ class AnalyticEngine(DoseEngine):
         profile_x = _lateral_profiles(centre_x, np.sqrt(sub_x**2 + mcs**2), cols, dx)  # (D, K, W)
         weighted = profile_y * torch.from_numpy(idd * _GY_PER_1E9).float()[:, :, None]
         out[:depth_count] = torch.bmm(weighted.transpose(1, 2), profile_x).numpy()
+
+
+@register_engine("analytic-bdl")
+def _analytic_with_beam_model_spot(**kwargs) -> AnalyticEngine:
+    """The analytic engine with the spot of the MCsquare beam model (the Monte Carlo data's beam)."""
+    return AnalyticEngine(spot_model="beam-model", **kwargs)

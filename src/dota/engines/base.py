@@ -4,12 +4,16 @@ Ground truth, baseline and model are interchangeable in every command::
 
     engine = get_engine("analytic")
     dose = engine.dose(geometry_hu, energies_mev)   # (N, L, H, W) Gy per 1e9 primaries
+
+The built-in engines are listed in :data:`BUILTIN_ENGINES` and imported when first asked for (so that
+``import dota`` stays light); :func:`register_engine` adds others.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +21,27 @@ import numpy as np
 from dota.constants import VOXEL_MM
 from dota.errors import InputError
 
+#: Built-in engines: name -> (``"module:Class"``, the keyword arguments this name fixes).
+BUILTIN_ENGINES: dict[str, tuple[str, dict[str, Any]]] = {
+    "analytic": ("dota.engines.analytic:AnalyticEngine", {}),
+    "analytic-bdl": ("dota.engines.analytic:AnalyticEngine", {"spot_model": "beam-model"}),
+    "dota": ("dota.engines.learned:LearnedEngine", {}),
+    "mcsquare": ("dota.engines.mcsquare:MCsquareEngine", {}),
+}
+#: Engines added with :func:`register_engine`.
 _REGISTRY: dict[str, Callable[..., DoseEngine]] = {}
+
+
+def beamlet_seed(master_seed: int, index: int) -> int:
+    """The engine seed (e.g. MCsquare's ``RNG_Seed``, in 1 .. 2**31 - 1) of beamlet ``index`` under
+    ``master_seed``: stream 1 of the beamlet's ``SeedSequence(master_seed, spawn_key=(index, stream))``.
+
+    The one derivation for ``dota generate`` (:attr:`dota.generate.BeamletSpec.seed`, whose other
+    streams draw the beamlet's geometry and energy) and for engines called without seeds, so a beamlet
+    gets the same seed either way and generated datasets stay reproducible.
+    """
+    state = np.random.SeedSequence(int(master_seed), spawn_key=(int(index), 1)).generate_state(1)[0]
+    return int(state % (2**31 - 2)) + 1
 
 
 class DoseEngine(abc.ABC):
@@ -39,9 +63,14 @@ class DoseEngine(abc.ABC):
         geometry_hu: np.ndarray,
         energies_mev: np.ndarray,
         voxel_mm: tuple[float, float, float] = VOXEL_MM,
+        *,
+        seeds: Sequence[int] | None = None,
     ) -> np.ndarray:
         """Dose to water in Gy per 1e9 primaries, float32 (N, L, H, W), for beamlets entering at depth 0,
-        centred laterally. ``geometry_hu`` is (N, L, H, W) HU, ``energies_mev`` is (N,)."""
+        centred laterally. ``geometry_hu`` is (N, L, H, W) HU, ``energies_mev`` is (N,).
+
+        ``seeds`` (N,) are the beamlets' own seeds (:func:`beamlet_seed`) for engines that sample
+        (Monte Carlo); deterministic engines ignore them."""
 
     def file_attrs(self) -> dict[str, Any]:
         """Attributes this engine contributes to a dataset file (``dataset-format.md``)."""
@@ -54,7 +83,8 @@ class DoseEngine(abc.ABC):
 
 
 def register_engine(name: str) -> Callable[[Callable[..., DoseEngine]], Callable[..., DoseEngine]]:
-    """Class or factory decorator adding an engine to the registry under ``name``."""
+    """Class or factory decorator adding an engine to the registry under ``name`` (a name of
+    :data:`BUILTIN_ENGINES` keeps its built-in engine)."""
 
     def deco(factory: Callable[..., DoseEngine]) -> Callable[..., DoseEngine]:
         _REGISTRY[name] = factory
@@ -63,29 +93,17 @@ def register_engine(name: str) -> Callable[[Callable[..., DoseEngine]], Callable
     return deco
 
 
-def _load_builtin_engines() -> None:
-    # Imported lazily so that ``import dota`` stays light; each module registers itself.
-    import importlib
-
-    for module in ("analytic", "mcsquare", "learned"):
-        try:
-            importlib.import_module(f"dota.engines.{module}")
-        except ModuleNotFoundError as exc:  # a module not written yet, never a missing dependency
-            if exc.name != f"dota.engines.{module}":
-                raise
-
-
 def available_engines() -> list[str]:
     """Names accepted by :func:`get_engine`."""
-    _load_builtin_engines()
-    return sorted(_REGISTRY)
+    return sorted(set(BUILTIN_ENGINES) | set(_REGISTRY))
 
 
 def get_engine(name: str, **kwargs: Any) -> DoseEngine:
-    """Build the engine registered as ``name`` (``"analytic"``, ``"mcsquare"``, ``"dota"``)."""
-    _load_builtin_engines()
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise InputError(f"unknown dose engine {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
-    return factory(**kwargs)
+    """Build the engine registered as ``name`` (``"analytic"``, ``"mcsquare"``, ``"dota"``, ...)."""
+    if name in BUILTIN_ENGINES:
+        target, fixed = BUILTIN_ENGINES[name]
+        module, cls = target.split(":")
+        return getattr(importlib.import_module(module), cls)(**fixed, **kwargs)
+    if name not in _REGISTRY:
+        raise InputError(f"unknown dose engine {name!r}; available: {', '.join(available_engines())}")
+    return _REGISTRY[name](**kwargs)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from dota.constants import VOXEL_MM
-from dota.engines.base import DoseEngine, register_engine
+from dota.engines.base import DoseEngine
 from dota.errors import InputError
 
 
-@register_engine("dota")
 class LearnedEngine(DoseEngine):
     """Dose from a trained DoTA model: the shipped default model unless ``model`` names a checkpoint path
-    (or a preset name, for random weights).
+    (or a preset name, for random weights seeded with ``seed``), or is a loaded model.
 
-    Runs through the model's inference engine (exact caching and truncation).
+    Runs through the model's inference engine (exact caching and truncation), on ``device``: ``"cpu"``,
+    ``"cuda"`` or ``"auto"`` (CUDA when available; :func:`dota.runtime.resolve_device`). A loaded model
+    stays where it is.
     """
 
     name = "dota"
@@ -24,10 +27,14 @@ class LearnedEngine(DoseEngine):
         from dota import __version__
         from dota.checkpoint import DEFAULT_MODEL, load_model
         from dota.model import DoTA
+        from dota.runtime import resolve_device
 
         if model is None:
             model = DEFAULT_MODEL
-        self.model: DoTA = model if isinstance(model, DoTA) else load_model(model, device=device, seed=seed)
+        if isinstance(model, DoTA):
+            self.model: DoTA = model
+        else:
+            self.model = load_model(model, device=resolve_device(device), seed=seed)
         self.model.eval()
         self.batch_size = batch_size
         self.version = f"dota-dose {__version__}"
@@ -35,7 +42,9 @@ class LearnedEngine(DoseEngine):
         self.energy_range_mev = tuple(self.model.normalization.energy_range_mev)
         self.source = str(model)
 
-    def dose(self, geometry_hu: np.ndarray, energies_mev: np.ndarray, voxel_mm=VOXEL_MM) -> np.ndarray:
+    def dose(self, geometry_hu: np.ndarray, energies_mev: np.ndarray, voxel_mm=VOXEL_MM, *,
+             seeds: Sequence[int] | None = None) -> np.ndarray:
+        """The model's dose (see :meth:`DoseEngine.dose`); deterministic, so ``seeds`` are ignored."""
         expected = tuple(float(v) for v in self.model.config.voxel_mm)
         if tuple(float(v) for v in voxel_mm) != expected:
             raise InputError(f"voxel size {tuple(voxel_mm)} mm differs from the model's {expected} mm")

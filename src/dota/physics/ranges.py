@@ -90,7 +90,8 @@ def energy_from_csda_range_mev(range_mm: np.ndarray | float) -> np.ndarray | flo
     return float(out) if out.ndim == 0 else out
 
 
-def pv_mev(energy_mev: np.ndarray) -> np.ndarray:
-    """Momentum times speed (MeV) of a proton of kinetic energy ``energy_mev``."""
+def pv_mev(energy_mev: np.ndarray | float) -> np.ndarray:
+    """Momentum times speed, ``p v = T (T + 2M) / (T + M)`` (MeV), of a proton of kinetic energy ``T`` =
+    ``energy_mev``: the ``1/(pv)`` of multiple Coulomb scattering (Highland)."""
     e = np.asarray(energy_mev, dtype=np.float64)
     return e * (e + 2.0 * PROTON_MASS_MEV) / (e + PROTON_MASS_MEV)

@@ -19,19 +19,14 @@ The CT calibration is the project's (``hu_calibration="dota"``, see :class:`dota
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from dota.constants import HU_CLIP, MCSQUARE_DEFAULT_PRIMARIES
-from dota.errors import DataFileError, EngineUnavailableError, InputError
+from dota.constants import MCSQUARE_DEFAULT_PRIMARIES
+from dota.errors import DataFileError, InputError
 from dota.plan.geometry import PatientCT
 from dota.plan.model import Beam, EnergyLayer, Plan, protons_per_mu
-
-#: MCsquare writes dose in eV/g per primary; times this and the protons gives Gy.
-_EV_PER_G_TO_GY = 1.602176634e-19 * 1e3
 
 
 def _check_frame(ct: PatientCT) -> None:
@@ -154,34 +149,16 @@ def mcsquare_plan_dose(ct: PatientCT, plan: Plan, *, primaries: int = MCSQUARE_D
                        threads: int = 1, seed: int = 1, hu_calibration: str = "dota",
                        timeout_s: float = 6 * 3600.0, work_dir: str | os.PathLike | None = None) -> np.ndarray:
     """Dose (Gy, all fractions; (z, y, x) on ``ct``'s grid) of MCsquare's own simulation of the whole plan
-    with ``primaries`` protons in all. ``work_dir`` keeps MCsquare's inputs and outputs when given."""
-    from dota.engines.mcsquare import MCsquareEngine, read_mhd, write_mhd
+    with ``primaries`` protons in all (:meth:`dota.engines.mcsquare.MCsquareEngine.simulate`). ``work_dir``
+    keeps MCsquare's inputs and outputs when given."""
+    from dota.engines.mcsquare import EV_PER_G_TO_GY, MCsquareEngine
 
     plan.validate()
     _check_frame(ct)
     engine = MCsquareEngine(primaries=primaries, threads=threads, seed=seed, hu_calibration=hu_calibration,
                             timeout_s=timeout_s)
     sz, sy, sx = ct.spacing_mm
-    with tempfile.TemporaryDirectory(prefix="dota-mcsquare-plan-") as tmp:
-        work = Path(work_dir) if work_dir is not None else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        ct_mc = np.ascontiguousarray(np.clip(ct.hu, *HU_CLIP)[:, ::-1, ::-1]).astype(np.float32)
-        write_mhd(work / "CT.mhd", ct_mc, (sx, sy, sz))
-        write_planpencil(work / "plan.txt", plan, ct)
-        (work / "config.txt").write_text(engine._config(int(seed)))
-        env = dict(os.environ, MCsquare_Materials_Dir=str(engine.install.materials_dir))
-        try:
-            proc = subprocess.run([str(engine.install.binary), "config.txt"], cwd=work, env=env, capture_output=True,
-                                  text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise EngineUnavailableError(f"MCsquare ran longer than {timeout_s:g} s on the plan") from None
-        dose_file = work / "Outputs" / "Dose.mhd"
-        if proc.returncode != 0 or not dose_file.is_file():
-            msg = (proc.stdout + proc.stderr).strip().splitlines()
-            errors = [ln for ln in msg if "rror" in ln] or msg[-1:] or ["no output"]
-            raise EngineUnavailableError(f"MCsquare failed on the plan (exit {proc.returncode}): {errors[0].strip()}")
-        dose_mc, _ = read_mhd(dose_file)
-    if dose_mc.shape != ct.shape:
-        raise DataFileError(f"MCsquare dose grid {dose_mc.shape} differs from the CT grid {ct.shape}")
+    dose_mc = engine.simulate(ct.hu[:, ::-1, ::-1], (sx, sy, sz), format_planpencil(plan, ct), int(seed),
+                              folder=work_dir, job="the plan")
     protons = sum(float(np.sum(layer.mu * protons_per_mu(layer.energy_mev))) for b in plan.beams for layer in b.layers)
-    return (dose_mc[:, ::-1, ::-1] * (_EV_PER_G_TO_GY * protons * plan.fractions)).astype(np.float32)
+    return (dose_mc[:, ::-1, ::-1] * (EV_PER_G_TO_GY * protons * plan.fractions)).astype(np.float32)

@@ -21,8 +21,6 @@ from dota.report.page import (
     eval_provenance,
     fmt,
     missing,
-    note,
-    number,
     pm,
     stats,
     table,
@@ -32,31 +30,26 @@ from dota.report.page import (
 WORST_K = 10
 
 
-def _rate(row: dict, criterion: str | None) -> float:
-    return number((row.get("pass_rate_percent") or {}).get(criterion))
+def series_label(ev: Evaluation) -> str:
+    return ev.engine if ev.path.name in ("evaluate", ev.engine) else f"{ev.engine} ({ev.path.name})"
 
 
-def eval_series(ev: Evaluation) -> F.EvalSeries:
-    rows = ev.rows
-    fbd = ev.metrics.get("failures_by_depth") if isinstance(ev.metrics.get("failures_by_depth"), dict) else {}
-    depth_mm = 2.0
-    if ev.predictions is not None:
-        try:
-            from dota.data.hdf5 import BeamletFile
-
-            with BeamletFile(ev.predictions) as f:
-                depth_mm = f.voxel_mm[0]
-        except Exception:  # the depth axis then assumes the default 2 mm voxels
-            pass
-    return F.EvalSeries(
-        label=ev.engine if ev.path.name in ("evaluate", ev.engine) else f"{ev.engine} ({ev.path.name})",
-        energy_mev=np.array([number(r.get("energy_mev")) for r in rows]),
-        relative_error_percent=np.array([number(r.get("relative_error_percent")) for r in rows]),
-        range_error_mm=np.array([number(r.get("range_error_mm")) for r in rows]),
-        pass_rates={c: np.array([_rate(r, c) for r in rows]) for c in ev.criteria},
-        failures_by_depth={k: np.asarray(v, float) for k, v in fbd.items() if isinstance(v, list) and v},
-        depth_mm=depth_mm,
-    )
+def _group_rows(ev: Evaluation) -> list[list]:
+    """One row per site and per energy band of the evaluation's summary."""
+    summary = ev.metrics["summary"]
+    return [
+        [
+            ev.engine,
+            kind,
+            name,
+            g["beamlets"],
+            *[Raw(esc(pm(g["gamma"][c]))) for c in ev.criteria],
+            Raw(esc(pm(g["relative_error_percent"]))),
+            g["range_error_mm"]["mean"],
+        ]
+        for kind, groups in (("site", summary["by_site"]), ("energy", summary["by_energy"]))
+        for name, g in groups.items()
+    ]
 
 
 def accuracy_section(inputs: ReportInputs, page: Page, worst_k: int) -> tuple[str, list[str]]:
@@ -68,7 +61,7 @@ def accuracy_section(inputs: ReportInputs, page: Page, worst_k: int) -> tuple[st
         return missing(
             page, "no evaluation results: no accuracy figures. Run dota evaluate (or dota demo) and pass its folder."
         ), []
-    series = [eval_series(e) for e in evs]
+    series = [F.eval_series(e.metrics, series_label(e)) for e in evs]
     highlights = []
     rows = []
     for e, s in zip(evs, series):
@@ -88,7 +81,7 @@ def accuracy_section(inputs: ReportInputs, page: Page, worst_k: int) -> tuple[st
                     g["min"],
                     Raw(esc(pm(rel))),
                     rng["mean"],
-                    number((e.metrics.get("summary") or {}).get("engine_ms_per_beamlet")),
+                    e.metrics["summary"]["engine_ms_per_beamlet"],
                 ]
             )
         g = stats(list(s.pass_rates.get(PAPER_CRITERION, [])))
@@ -116,6 +109,26 @@ def accuracy_section(inputs: ReportInputs, page: Page, worst_k: int) -> tuple[st
             rows,
         ),
     ]
+
+    groups = [(e, _group_rows(e)) for e in evs]
+    for e, rows in groups:
+        if rows:
+            parts += [
+                f"<h3>By site and by energy band: {esc(e.label)}</h3>",
+                table(
+                    [
+                        "engine",
+                        "by",
+                        "group",
+                        "beamlets",
+                        *[f"pass rate % {c} (mean ± sd)" for c in e.criteria],
+                        "relative error %",
+                        "mean R80 error mm",
+                    ],
+                    rows,
+                    "compact",
+                ),
+            ]
 
     paper_rows = [
         [
@@ -162,16 +175,13 @@ def accuracy_section(inputs: ReportInputs, page: Page, worst_k: int) -> tuple[st
             prov,
         )
     )
-    if any(s.failures_by_depth for s in series):
-        parts.append(
-            page.figure(
-                F.failures_by_depth_figure(series, page.img("accuracy_failures_by_depth.png")),
-                "Failing voxels (gamma > 1) by depth, as a share of the voxels evaluated at that depth.",
-                prov,
-            )
+    parts.append(
+        page.figure(
+            F.failures_by_depth_figure(series, page.img("accuracy_failures_by_depth.png")),
+            "Failing voxels (gamma > 1) by depth, as a share of the voxels evaluated at that depth.",
+            prov,
         )
-    else:
-        parts.append(note("metrics.json holds no failures_by_depth: that figure is skipped."))
+    )
     parts.append(
         page.figure(
             F.error_vs_energy_figure(series, page.img("accuracy_error_vs_energy.png")),
@@ -180,24 +190,24 @@ def accuracy_section(inputs: ReportInputs, page: Page, worst_k: int) -> tuple[st
         )
     )
 
-    for e, s in zip(evs, series):
-        crit = PAPER_CRITERION if PAPER_CRITERION in s.pass_rates else next(iter(s.pass_rates), None)
+    for e in evs:
+        crit = PAPER_CRITERION if PAPER_CRITERION in e.criteria else e.criteria[0]
         ranked = sorted(
             e.rows,
             key=lambda r: (
-                np.nan_to_num(_rate(r, crit), nan=np.inf),
-                -np.nan_to_num(number(r.get("relative_error_percent")), nan=0.0),
+                np.nan_to_num(r["pass_rate_percent"][crit], nan=np.inf),
+                -np.nan_to_num(r["relative_error_percent"], nan=0.0),
             ),
         )[:worst_k]
         trows = [
             [
-                r.get("index"),
-                number(r.get("energy_mev")),
-                *[_rate(r, c) for c in e.criteria],
-                number(r.get("relative_error_percent")),
-                number(r.get("range_error_mm")),
-                number(r.get("max_dose_ref")),
-                number(r.get("max_dose_eval")),
+                r["index"],
+                r["energy_mev"],
+                *[r["pass_rate_percent"][c] for c in e.criteria],
+                r["relative_error_percent"],
+                r["range_error_mm"],
+                r["max_dose_ref"],
+                r["max_dose_eval"],
             ]
             for r in ranked
         ]

@@ -11,7 +11,7 @@ import numpy as np
 
 from dota.report import figures as F
 from dota.report.inputs import Evaluation, ReportInputs
-from dota.report.page import PAPER_CRITERION, Page, esc, eval_provenance, fmt, missing, note, number
+from dota.report.page import PAPER_CRITERION, Page, esc, eval_provenance, fmt, missing, note
 
 #: Beamlets shown in the dose views, chosen by gamma pass rate.
 BEAMLET_TAGS = ("worst", "median", "best")
@@ -22,11 +22,9 @@ def choose_beamlets(ev: Evaluation, criterion: str) -> list[tuple[str, int, floa
     broken by relative error (worst: largest error, best: smallest)."""
     ranked = []
     for r in ev.rows:
-        rate = number((r.get("pass_rate_percent") or {}).get(criterion))
-        idx = r.get("index")
-        err = number(r.get("relative_error_percent"))
-        if math.isfinite(rate) and isinstance(idx, int):
-            ranked.append((rate, -err if math.isfinite(err) else 0.0, idx))
+        rate, err = r["pass_rate_percent"][criterion], r["relative_error_percent"]
+        if math.isfinite(rate):
+            ranked.append((rate, -err if math.isfinite(err) else 0.0, r["index"]))
     if not ranked:
         return []
     ranked.sort()
@@ -67,14 +65,11 @@ def load_views(
         if e.predictions is None:
             page.note(f"{e.path}: no predictions.h5 (evaluated with --no-predictions?), so no dose maps from it")
         elif e.reference is None:
-            page.note(f"{e.path}: reference dataset {e.metrics.get('reference')!r} not found, so no dose maps from it")
+            page.note(f"{e.path}: reference dataset {e.metrics['reference']!r} not found, so no dose maps from it")
     if not usable:
         return [], None
     primary = next((e for e in usable if e.engine == "dota"), usable[0])
     criteria = primary.criteria
-    if not criteria:
-        page.note(f"{primary.path}: metrics.json has no gamma pass rates; no beamlets to choose")
-        return [], primary
     crit = PAPER_CRITERION if PAPER_CRITERION in criteria else criteria[0]
     others = [e for e in usable if e is not primary and _same_file(e.reference, primary.reference)]
     use_analytic = (

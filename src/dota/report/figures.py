@@ -1,4 +1,7 @@
-"""The report's static figures (PNG), drawn with matplotlib's object API (no pyplot, no global backend).
+"""Every figure the package draws (PNG), with matplotlib's object API (no pyplot, no global backend): the
+report's, and the same functions for the plots that ``dota evaluate`` (:func:`dota.evaluate.plot_evaluation`),
+``dota train`` (:func:`dota.train.write_history`) and ``dota bench`` (:func:`dota.bench.write_plots`) write
+beside their outputs.
 
 Dose arrays are (L, H, W): depth first, in Gy per 1e9 primaries; voxel sizes in mm (depth, row, col).
 """
@@ -8,14 +11,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.colors import ListedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from dota.constants import PAPER_GAMMA_PASS_DOTA, PAPER_GAMMA_PASS_PENCIL_BEAM
+
+if TYPE_CHECKING:  # the writers import this module: their types only for annotations
+    from dota.bench import Scenario, Spread
+    from dota.evaluate import MetricsFile
+    from dota.train import EpochRecord
 
 DPI = 90
 DOSE_CMAP = "inferno"
@@ -266,7 +274,21 @@ class EvalSeries:
     range_error_mm: np.ndarray
     pass_rates: dict[str, np.ndarray]  # criterion -> per-beamlet pass rate (%)
     failures_by_depth: dict[str, np.ndarray]  # criterion -> fraction failing per depth slice
-    depth_mm: float = 2.0
+    depth_mm: float
+
+
+def eval_series(metrics: MetricsFile, label: str) -> EvalSeries:
+    """The per-beamlet results of ``metrics.json`` as arrays."""
+    rows = metrics["per_beamlet"]
+    return EvalSeries(
+        label=label,
+        energy_mev=np.array([r["energy_mev"] for r in rows], float),
+        relative_error_percent=np.array([r["relative_error_percent"] for r in rows], float),
+        range_error_mm=np.array([r["range_error_mm"] for r in rows], float),
+        pass_rates={c: np.array([r["pass_rate_percent"][c] for r in rows], float) for c in metrics["criteria"]},
+        failures_by_depth={c: np.asarray(v, float) for c, v in metrics["failures_by_depth"].items()},
+        depth_mm=metrics["voxel_mm"][0],
+    )
 
 
 def gamma_histogram_figure(series: Sequence[EvalSeries], path: Path) -> Path:
@@ -339,42 +361,56 @@ def error_vs_energy_figure(series: Sequence[EvalSeries], path: Path) -> Path:
 
 @dataclass
 class Latency:
+    """Milliseconds per beamlet: median and 10th-90th percentile."""
+
     median: float
-    p10: float | None = None
-    p90: float | None = None
+    p10: float
+    p90: float
+
+    @classmethod
+    def of(cls, s: Spread) -> Latency:
+        return cls(s["median"], s["p10"], s["p90"])
 
     def spread(self) -> tuple[float, float]:
-        lo = self.median - self.p10 if self.p10 is not None else 0.0
-        hi = self.p90 - self.median if self.p90 is not None else 0.0
-        return max(lo, 0.0), max(hi, 0.0)
+        return max(self.median - self.p10, 0.0), max(self.p90 - self.median, 0.0)
 
 
 @dataclass
 class ScenarioTiming:
     name: str
-    speedup: float | None
-    speedup_range: tuple[float, float] | None
-    baseline_ms: Latency | None
-    engine_ms: Latency | None
+    speedup: float  # ratio of the medians
+    speedup_range: tuple[float, float]  # plain p10 / engine p90 to plain p90 / engine p10
+    baseline_ms: Latency
+    engine_ms: Latency
+
+
+def scenario_timing(s: Scenario) -> ScenarioTiming:
+    base, eng = Latency.of(s["baseline_ms"]), Latency.of(s["engine_ms"])
+    rng = (base.p10 / eng.p90, base.p90 / eng.p10) if eng.p10 > 0 else (s["speedup"], s["speedup"])
+    return ScenarioTiming(s["name"], s["speedup"], rng, base, eng)
+
+
+#: A batch-size curve: (batch size, plain pass, engine) per point.
+BatchCurve = list[tuple[int, Latency, Latency]]
+
+
+def batch_curves(scenarios: Sequence[Scenario]) -> dict[str, BatchCurve]:
+    """The batch-size sweeps of the scenarios that ran one (``batch_curve``), by scenario name."""
+    return {
+        s["name"]: [(p["batch_size"], Latency.of(p["baseline_ms"]), Latency.of(p["engine_ms"])) for p in s["batch_curve"]]
+        for s in scenarios
+        if len(s.get("batch_curve", [])) > 1
+    }
 
 
 def speedup_figure(items: Sequence[ScenarioTiming], path: Path) -> Path:
-    items = [s for s in items if s.speedup is not None]
     fig = Figure(figsize=(8, 0.45 * len(items) + 1.4), layout="constrained")
     ax = fig.subplots()
     y = np.arange(len(items))
-    err = np.array(
-        [[s.speedup - s.speedup_range[0], s.speedup_range[1] - s.speedup] if s.speedup_range else [0, 0] for s in items]
-    ).T.clip(min=0)
+    err = np.array([[s.speedup - s.speedup_range[0], s.speedup_range[1] - s.speedup] for s in items]).T.clip(min=0)
     ax.barh(y, [s.speedup for s in items], xerr=err, color="C2", capsize=3)
     for yi, s in zip(y, items):
-        ax.text(
-            max(s.speedup, s.speedup_range[1] if s.speedup_range else 0),
-            yi,
-            f" {s.speedup:.2f}x",
-            va="center",
-            fontsize=8,
-        )
+        ax.text(max(s.speedup, s.speedup_range[1]), yi, f" {s.speedup:.2f}x", va="center", fontsize=8)
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_yticks(y, [s.name for s in items], fontsize=8)
     ax.invert_yaxis()
@@ -382,47 +418,55 @@ def speedup_figure(items: Sequence[ScenarioTiming], path: Path) -> Path:
     return _save(fig, path)
 
 
-def latency_figure(items: Sequence[ScenarioTiming], path: Path) -> Path:
-    items = [s for s in items if s.baseline_ms is not None or s.engine_ms is not None]
+def latency_figure(items: Sequence[ScenarioTiming], path: Path, title: str = "") -> Path:
+    """ms per beamlet of the plain pass and of the engine per scenario, with the speed-up at the right."""
     fig = Figure(figsize=(8, 0.55 * len(items) + 1.4), layout="constrained")
     ax = fig.subplots()
     y = np.arange(len(items))
     for off, key, color, label in ((-0.2, "baseline_ms", "C7", "plain full pass"), (0.2, "engine_ms", "C0", "engine")):
         lat = [getattr(s, key) for s in items]
-        vals = [v.median if v is not None else np.nan for v in lat]
-        err = np.array([v.spread() if v is not None else (0, 0) for v in lat]).T
-        ax.barh(y + off, vals, height=0.38, xerr=err, color=color, capsize=3, label=label)
+        err = np.array([v.spread() for v in lat]).T
+        ax.barh(y + off, [v.median for v in lat], height=0.38, xerr=err, color=color, capsize=3, label=label)
+    for yi, s in zip(y, items):
+        ax.text(max(s.baseline_ms.p90, s.engine_ms.p90), yi, f"  {s.speedup:.2f}x", va="center", fontsize=8)
     ax.set_yticks(y, [s.name for s in items], fontsize=8)
     ax.invert_yaxis()
-    medians = [v.median for s in items for v in (s.baseline_ms, s.engine_ms) if v is not None and v.median > 0]
+    medians = [v.median for s in items for v in (s.baseline_ms, s.engine_ms) if v.median > 0]
     if medians and max(medians) / min(medians) > 20:
         ax.set_xscale("log")
-    ax.set_xlabel("ms per beamlet (median; bars: p10-p90)")
+    ax.margins(x=0.12)  # room for the speed-up labels
+    ax.set_xlabel("ms per beamlet (median; bars: p10-p90); speed-up: ratio of medians")
     ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 
-def batch_curve_figure(curves: dict[str, list[tuple[float, float | None, float | None]]], path: Path) -> Path:
-    """``curves``: name -> [(batch size, baseline ms per beamlet, engine ms per beamlet)]."""
+def batch_curve_figure(curves: dict[str, BatchCurve], path: Path, title: str = "") -> Path:
+    """ms per beamlet (median, band: p10-p90) and speed-up against batch size."""
     fig = Figure(figsize=(11, 3.8), layout="constrained")
     ax, ax2 = fig.subplots(1, 2)
     for i, (name, pts) in enumerate(curves.items()):
-        pts = sorted(pts)
+        pts = sorted(pts, key=lambda p: p[0])
         b = np.array([p[0] for p in pts], float)
-        base = np.array([np.nan if p[1] is None else p[1] for p in pts], float)
-        eng = np.array([np.nan if p[2] is None else p[2] for p in pts], float)
-        ax.plot(b, base, "s--", color=f"C{i}", alpha=0.6, label=f"{name}: plain pass")
-        ax.plot(b, eng, "o-", color=f"C{i}", label=f"{name}: engine")
-        ax2.plot(b, base / eng, "o-", color=f"C{i}", label=name)
+        for k, style, alpha, what in ((1, "s--", 0.6, "plain pass"), (2, "o-", 1.0, "engine")):
+            ax.plot(b, [p[k].median for p in pts], style, color=f"C{i}", alpha=alpha, label=f"{name}: {what}")
+            ax.fill_between(b, [p[k].p10 for p in pts], [p[k].p90 for p in pts], color=f"C{i}", alpha=0.15)
+        ax2.plot(b, [p[1].median / p[2].median for p in pts], "o-", color=f"C{i}", label=name)
     ax.set_ylabel("ms per beamlet")
+    ax.set_ylim(bottom=0)
     ax2.set_ylabel("speed-up")
     ax2.axhline(1.0, color="k", lw=0.8)
+    sizes = sorted({p[0] for pts in curves.values() for p in pts})
     for a in (ax, ax2):
         a.set_xscale("log", base=2)
-        a.xaxis.set_major_formatter(ScalarFormatter())
-        a.set_xlabel("batch size")
+        a.set_xticks(sizes, [str(b) for b in sizes])
+        a.xaxis.set_minor_formatter(NullFormatter())
+        a.set_xlabel("beamlets per request (batch size)")
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
@@ -454,25 +498,18 @@ def memory_figure(items: dict[str, tuple[list[tuple[str, float]], float | None]]
 # -- training ----------------------------------------------------------------------------------------
 
 
-def _col(history: Sequence[dict[str, Any]], key: str) -> np.ndarray:
-    out = []
-    for r in history:
-        v = r.get(key)
-        out.append(float(v) if isinstance(v, (int, float)) and v is not None else np.nan)
-    return np.array(out, float)
+def _col(history: Sequence[EpochRecord], key: str) -> np.ndarray:
+    """One key of every epoch (NaN in the epochs without it: the ``cache_*`` keys are optional)."""
+    return np.array([r.get(key, np.nan) for r in history], float)
 
 
-def training_figure(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+def training_figure(history: Sequence[EpochRecord], path: Path, title: str = "") -> Path:
     """Loss curves, learning rate, and the per-epoch check of the cached inference path."""
     epochs = _col(history, "epoch")
-    if np.isnan(epochs).all():
-        epochs = np.arange(1, len(history) + 1, dtype=float)
     fig = Figure(figsize=(12, 6.6), layout="constrained")
     (a, b), (c, d) = fig.subplots(2, 2)
     for key, mk, label in (("train_loss", "o-", "training"), ("val_loss", "s-", "validation")):
-        v = _col(history, key)
-        if np.isfinite(v).any():
-            a.plot(epochs, v, mk, label=label)
+        a.plot(epochs, _col(history, key), mk, label=label)
     a.set_yscale("log")
     a.set_ylabel("MSE (scaled dose)")
     a.set_title("loss", fontsize=9)
@@ -501,6 +538,7 @@ def training_figure(history: Sequence[dict[str, Any]], path: Path, title: str = 
     a.yaxis.set_minor_formatter(NullFormatter())
     for ax in (a, b, c, d):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(epochs.min() - 0.5, epochs.max() + 0.5)  # whole epochs, also for a run of one
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     if title:

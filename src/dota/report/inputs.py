@@ -1,17 +1,25 @@
 """Find and read what ``dota train``, ``dota evaluate`` and ``dota bench`` wrote.
 
-Every reader here is defensive: a missing or unreadable input becomes a note for the page, never an
-exception, because a report of what exists is more useful than none.
+Files are read only through their writers' readers (:func:`dota.train.read_summary`,
+:func:`dota.train.read_history`, :func:`dota.evaluate.read_metrics`, :func:`dota.bench.read_bench`), which
+check them against the writers' schemas. A missing or bad file becomes a note for the page (the reader's
+one line), never an exception, because a report of what exists is more useful than none.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from dota.errors import DataFileError
+
+if TYPE_CHECKING:  # the writers import torch: they are loaded when a file is read
+    from dota.bench import BenchFile, Scenario
+    from dota.evaluate import BeamletResult, MetricsFile
+    from dota.train import EpochRecord, TrainSummary
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +30,12 @@ BENCH_MARKER = "bench.json"
 
 @dataclass
 class TrainRun:
-    """A training run folder: per-epoch history, summary, config and checkpoint metadata."""
+    """A training run folder: per-epoch history, the summary (None while the run has not finished) and
+    checkpoint metadata."""
 
     path: Path
-    history: list[dict[str, Any]] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
+    history: list[EpochRecord] = field(default_factory=list)
+    summary: TrainSummary | None = None
     checkpoint: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -40,17 +48,17 @@ class Evaluation:
     """An evaluation folder: ``metrics.json``, and where its predictions and reference lie (if found)."""
 
     path: Path
-    metrics: dict[str, Any]
+    metrics: MetricsFile
     predictions: Path | None = None
     reference: Path | None = None
 
     @property
     def engine(self) -> str:
-        return str(self.metrics.get("engine") or "?")
+        return self.metrics["engine"]
 
     @property
     def reference_engine(self) -> str:
-        return str(self.metrics.get("reference_engine") or "reference")
+        return self.metrics["reference_engine"] or "reference"
 
     @property
     def label(self) -> str:
@@ -58,29 +66,21 @@ class Evaluation:
 
     @property
     def criteria(self) -> list[str]:
-        crit = self.metrics.get("criteria")
-        if isinstance(crit, list) and crit:
-            return [str(c) for c in crit]
-        rows = self.rows
-        return list(rows[0].get("pass_rate_percent", {})) if rows else []
+        return self.metrics["criteria"]
 
     @property
-    def rows(self) -> list[dict[str, Any]]:
-        rows = self.metrics.get("per_beamlet")
-        return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+    def rows(self) -> list[BeamletResult]:
+        return self.metrics["per_beamlet"]
 
 
 @dataclass
 class Benchmark:
     path: Path
-    data: dict[str, Any]
+    data: BenchFile
 
     @property
-    def scenarios(self) -> list[dict[str, Any]]:
-        s = self.data.get("scenarios")
-        if isinstance(s, dict):
-            return [{"name": k, **v} for k, v in s.items() if isinstance(v, dict)]
-        return [x for x in s if isinstance(x, dict)] if isinstance(s, list) else []
+    def scenarios(self) -> list[Scenario]:
+        return self.data["scenarios"]
 
 
 @dataclass
@@ -97,15 +97,20 @@ class ReportInputs:
         self.notes.append(text)
 
 
-def read_json(path: Path, notes: ReportInputs | None = None) -> Any:
-    """Parsed JSON, or None (with a note) when the file is missing or not valid JSON."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
+T = TypeVar("T")
+
+
+def read_or_note(reader: Callable[[Path], T], path: Path, inputs: ReportInputs, needed_by: str = "") -> T | None:
+    """``reader(path)``; None with the reader's one line as a note when the file cannot be read or does not
+    match its schema; None when it does not exist, with a note when ``needed_by`` names what needs it."""
+    if not path.is_file():
+        if needed_by:
+            inputs.note(f"{needed_by} has no {path.name}; skipped")
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        if notes is not None:
-            notes.note(f"{path} could not be read ({type(exc).__name__}: {exc}); skipped")
+    try:
+        return reader(path)
+    except DataFileError as exc:
+        inputs.note(f"{exc}; skipped")
         return None
 
 
@@ -178,13 +183,9 @@ def discover_inputs(
         if ev is not None:
             inputs.evaluations.append(ev)
     for p in _dedupe(found["bench"]):
-        data = read_json(p / BENCH_MARKER, inputs)
-        if isinstance(data, dict):
-            inputs.benchmarks.append(Benchmark(p, data))
-        elif data is not None:
-            inputs.note(f"{p / BENCH_MARKER} is not a JSON object; skipped")
-        else:
-            inputs.note(f"{p} has no readable {BENCH_MARKER}; skipped")
+        b = load_benchmark(p, inputs)
+        if b is not None:
+            inputs.benchmarks.append(b)
     return inputs
 
 
@@ -199,20 +200,17 @@ def _dedupe(paths: list[Path]) -> list[Path]:
 
 
 def load_train_run(path: Path, inputs: ReportInputs) -> TrainRun | None:
-    history = read_json(path / "history.json", inputs)
-    summary = read_json(path / "summary.json", inputs)
-    config = read_json(path / "train_config.json", inputs)
-    if not isinstance(history, list) and isinstance(summary, dict):
-        history = summary.get("history")
-    if not isinstance(history, list) and not isinstance(summary, dict):
-        inputs.note(f"training run {path} has neither history.json nor summary.json; skipped")
+    from dota.train import read_history, read_summary
+
+    summary = read_or_note(read_summary, path / "summary.json", inputs)
+    history = read_or_note(read_history, path / "history.json", inputs)
+    if history is None and summary is not None:
+        history = summary["history"]
+    if history is None:
+        if not any((path / m).is_file() for m in TRAIN_MARKERS):
+            inputs.note(f"training run {path} has neither history.json nor summary.json; skipped")
         return None
-    run = TrainRun(
-        path,
-        history=[h for h in history if isinstance(h, dict)] if isinstance(history, list) else [],
-        summary=summary if isinstance(summary, dict) else {},
-        config=config if isinstance(config, dict) else {},
-    )
+    run = TrainRun(path, history=history, summary=summary)
     best = path / "best.safetensors"
     if best.is_file():
         try:
@@ -225,23 +223,31 @@ def load_train_run(path: Path, inputs: ReportInputs) -> TrainRun | None:
 
 
 def load_evaluation(path: Path, inputs: ReportInputs) -> Evaluation | None:
-    metrics = read_json(path / EVALUATE_MARKER, inputs)
-    if not isinstance(metrics, dict):
-        inputs.note(f"evaluation {path} has no readable {EVALUATE_MARKER}; skipped")
+    from dota.evaluate import read_metrics
+
+    metrics = read_or_note(read_metrics, path / EVALUATE_MARKER, inputs, f"evaluation {path}")
+    if metrics is None:
         return None
     ev = Evaluation(path, metrics)
     if (path / "predictions.h5").is_file():
         ev.predictions = path / "predictions.h5"
-    ev.reference = resolve_reference(metrics.get("reference"), path)
+    ev.reference = resolve_reference(metrics["reference"], path)
     return ev
 
 
-def resolve_reference(reference: Any, eval_dir: Path) -> Path | None:
+def load_benchmark(path: Path, inputs: ReportInputs) -> Benchmark | None:
+    from dota.bench import read_bench
+
+    data = read_or_note(read_bench, path / BENCH_MARKER, inputs, f"benchmark {path}")
+    return None if data is None else Benchmark(path, data)
+
+
+def resolve_reference(reference: str, eval_dir: Path) -> Path | None:
     """The reference dataset named in ``metrics.json``: as written, else relative to the evaluation
     folder or its parents, else a file of the same name in a sibling ``data/`` folder (the demo layout)."""
     if not reference:
         return None
-    ref = Path(str(reference))
+    ref = Path(reference)
     candidates = [ref]
     if not ref.is_absolute():
         candidates += [base / ref for base in (eval_dir, *eval_dir.resolve().parents[:3])]

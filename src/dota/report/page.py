@@ -132,41 +132,43 @@ def software_versions() -> dict[str, str]:
 
 
 def eval_provenance(ev: Evaluation, source: str) -> Provenance:
-    p = ev.metrics.get("provenance") if isinstance(ev.metrics.get("provenance"), dict) else {}
-    command = (
-        p.get("command") or f"dota evaluate {ev.metrics.get('reference', '?')} --out {ev.path} --engine {ev.engine}"
-    )
-    versions = ", ".join(f"{k} {p[k]}" for k in ("dota_version", "python", "created") if p.get(k))
-    return Provenance(str(ev.path / source), str(command), versions)
+    p = ev.metrics["provenance"]
+    versions = f"dota_version {p['dota_version']}, python {p['python']}, created {p['created']}"
+    return Provenance(str(ev.path / source), p["command"], versions)
+
+
+#: ``dota train`` flags of the :class:`~dota.train.TrainConfig` fields that a rebuilt command shows.
+TRAIN_FLAGS = {
+    "preset": "--preset",
+    "epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "weight_decay": "--weight-decay",
+    "optimizer": "--optimizer",
+    "lr_halving_epochs": "--lr-halving-epochs",
+    "val_fraction": "--val-fraction",
+    "seed": "--seed",
+    "device": "--device",
+}
 
 
 def train_command(run: TrainRun) -> str:
-    """The command recorded in the run, or one rebuilt from ``train_config.json``."""
-    for holder in (run.summary, run.summary.get("provenance") or {}):
-        if isinstance(holder, dict) and holder.get("command"):
-            return str(holder["command"])
-    c = run.config
-    if not c:
-        return f"dota train DATA --out {run.path}"
-    flags = [f"--out {run.path}"]
-    names = {
-        "preset": "--preset",
-        "epochs": "--epochs",
-        "batch_size": "--batch-size",
-        "lr": "--lr",
-        "weight_decay": "--weight-decay",
-        "optimizer": "--optimizer",
-        "lr_halving_epochs": "--lr-halving-epochs",
-        "val_fraction": "--val-fraction",
-        "seed": "--seed",
-        "device": "--device",
-    }
-    flags += [f"{flag} {c[k]}" for k, flag in names.items() if k in c]
-    if c.get("augment") is False:
+    """The command recorded in ``summary.json``, or one rebuilt from the settings recorded there."""
+    s = run.summary
+    if s is None:
+        return f"dota train DATA --out {run.path}  (no summary.json: the run has not finished)"
+    if s["command"]:
+        return s["command"]
+    c = s["config"]
+    flags = [*s["data"], f"--out {run.path}"]
+    if s["val_data"]:
+        flags.append(f"--val-data {s['val_data']}")
+    flags += [f"{flag} {c[k]}" for k, flag in TRAIN_FLAGS.items()]
+    if not c["augment"]:
         flags.append("--no-augment")
-    if c.get("flips"):
+    if c["flips"]:
         flags.append("--flips")
-    return "dota train DATA " + " ".join(flags) + "  (rebuilt from train_config.json; DATA not recorded)"
+    return "dota train " + " ".join(flags) + "  (rebuilt from summary.json)"
 
 
 def train_provenance(run: TrainRun, source: str) -> Provenance:
@@ -176,23 +178,10 @@ def train_provenance(run: TrainRun, source: str) -> Provenance:
 
 def bench_provenance(b: Benchmark) -> Provenance:
     d = b.data
-    prov = d.get("provenance") if isinstance(d.get("provenance"), dict) else {}
-    machine = d.get("machine") if isinstance(d.get("machine"), dict) else {}
-    command = d.get("command") or prov.get("command") or machine.get("command") or f"dota bench --out {b.path}"
-    top = {k: d[k] for k in ("torch", "python") if k in d}
-    versions = ", ".join(
-        f"{k} {v}"
-        for k, v in {**machine, **top, **prov}.items()
-        if ("version" in k or k in ("python", "torch", "dota", "created")) and isinstance(v, (str, int, float))
-    )
-    return Provenance(str(b.path / "bench.json"), str(command), versions)
+    return Provenance(str(b.path / "bench.json"), d["command"], f"torch {d['torch']}, python {d['python']}")
 
 
 # -- statistics --------------------------------------------------------------------------------------
-
-
-def number(v: Any) -> float:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
 
 
 def stats(values: Sequence[float]) -> dict[str, float]:
