@@ -42,6 +42,7 @@ def _metrics(ev: dict[str, Any] | None) -> dict[str, Any] | None:
         "reference_primaries": ev.get("reference_primaries"),
         "beamlets": s["beamlets"],
         "gamma": s["gamma"],
+        "gamma_in_patient": s.get("gamma_in_patient", {}),
         "relative_error_percent": s["relative_error_percent"],
         "range_error_mm": s["range_error_mm"],
         "engine_ms_per_beamlet": s["engine_ms_per_beamlet"],
@@ -54,6 +55,11 @@ def _metrics(ev: dict[str, Any] | None) -> dict[str, Any] | None:
 def _g(m: dict[str, Any], crit: str = CRIT) -> str:
     g = m["gamma"][crit]
     return f"{g['mean']:.2f} +- {g['std']:.2f} (min {g['min']:.1f})"
+
+
+def _gp(m: dict[str, Any], crit: str = CRIT) -> str:
+    g = m.get("gamma_in_patient", {}).get(crit)
+    return f"{g['mean']:.2f} (min {g['min']:.1f})" if g else "n/a"
 
 
 def _rel(m: dict[str, Any]) -> str:
@@ -81,8 +87,10 @@ def card(record: dict[str, Any]) -> str:
         f"Preset `{record['preset']}`: a DoTA transformer ({record['parameters']:,} parameters; "
         f"encoder {cfg['enc_channels']}, {cfg['num_heads']} heads of {cfg['head_dim']}, {cfg['num_blocks']} "
         f"block(s)) that " + (
-            "learns the Monte Carlo dose minus the analytic pencil beam's; the analytic dose "
-            "(`dota.engines.analytic`) is computed at inference and added, and counts in its time."
+            "learns the Monte Carlo dose minus the analytic pencil beam's"
+            + (", with the analytic dose as an input channel beside the CT" if cfg.get("base_input") else "")
+            + "; the analytic dose (`dota.engines.analytic`) is computed at inference and added, and counts "
+            "in its time."
             if cfg.get("base_engine") else "predicts the dose from the CT block and the energy."),
         f" Block {cfg['block_shape'][0]}x{cfg['block_shape'][1]}x{cfg['block_shape'][2]} voxels of "
         f"{cfg['voxel_mm'][0]:g} mm, beam along the first axis; energies {record['energy_range_mev'][0]:g}-"
@@ -108,9 +116,12 @@ def card(record: dict[str, Any]) -> str:
     lines += [
         "## Training",
         "",
-        f"`{tr.get('command')}`: {tr['epochs_done']} epochs, {tr['train_beamlets']} training beamlets, "
-        f"best validation MSE {tr['best_val_loss']:.3e} (scaled dose), {tr['hours']:.2f} h on "
-        f"{tr.get('machine', 'this machine')}. History: `default.json` (`training.history`).",
+        f"`{tr.get('command')}`: {tr['epochs_done']} epochs"
+        + (f" of the {tr['planned_epochs']} planned (stopped at the session's deadline; the best "
+           f"validation epoch was {tr['best_epoch']})" if tr.get("planned_epochs") else "")
+        + f", {tr['train_beamlets']} training beamlets, best validation MSE {tr['best_val_loss']:.3e} "
+        f"(scaled dose), {tr['hours']:.2f} h on {tr.get('machine', 'this machine')}. History: "
+        "`default.json` (`training.history`).",
         "",
         "## Accuracy against Monte Carlo (held-out patients)",
         "",
@@ -119,12 +130,18 @@ def card(record: dict[str, Any]) -> str:
         f"({test_d['beamlets']} beamlets at {test_d['reference_primaries']:,} primaries; patients "
         f"{', '.join(test_d['patients'])}). Paper rows are the published figures on their own test set.",
         "",
-        f"| engine | gamma {CRIT} (%) | relative error (%) | R80 error (mm) | ms per beamlet (evaluate) |",
-        "|---|---|---|---|---|",
-        f"| dota default | {_g(test_d)} | {_rel(test_d)} | {_range(test_d)} | {test_d['engine_ms_per_beamlet']:.1f} |",
-        f"| analytic pencil beam | {_g(test_a)} | {_rel(test_a)} | {_range(test_a)} | {test_a['engine_ms_per_beamlet']:.1f} |",
-        f"| DoTA, paper | 99.37 +- 1.17 | 0.126 | | |",
-        f"| pencil beam, paper | 98.68 +- 3.15 | 0.306 | | |",
+        f"| engine | gamma {CRIT} (%) | gamma in patient (%) | relative error (%) | R80 error (mm) | "
+        "ms per beamlet (evaluate) |",
+        "|---|---|---|---|---|---|",
+        f"| dota default | {_g(test_d)} | {_gp(test_d)} | {_rel(test_d)} | {_range(test_d)} | "
+        f"{test_d['engine_ms_per_beamlet']:.1f} |",
+        f"| analytic pencil beam | {_g(test_a)} | {_gp(test_a)} | {_rel(test_a)} | {_range(test_a)} | "
+        f"{test_a['engine_ms_per_beamlet']:.1f} |",
+        "| DoTA, paper | 99.37 +- 1.17 | | 0.126 | | |",
+        "| pencil beam, paper | 98.68 +- 3.15 | | 0.306 | | |",
+        "",
+        "\"In patient\": the same gamma over voxels denser than air (HU > -900); most failures of both engines "
+        "are dose to water in the air behind the patient, where beams that leave the body carry on.",
         "",
         "Per site (test set):",
         "",
@@ -169,6 +186,39 @@ def card(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_golden(source: Path, out: Path, checkpoint: Path, per_site: int) -> dict[str, Any]:
+    """The first ``per_site`` beamlets of every site of ``source`` (a held-out MC file) as the golden set
+    shipped with the model, and the model's and the analytic engine's measured accuracy on it."""
+    import numpy as np
+
+    from dota.data.hdf5 import BeamletFile, write_dataset
+    from dota.data.splits import site_of
+    from dota.engines import get_engine
+    from dota.evaluation.gamma import paper_gamma
+    from dota.evaluation.metrics import relative_error_percent
+
+    with BeamletFile(source) as f:
+        sources = f.meta["source"]
+        picked: dict[str, list[int]] = {}
+        for i, src in enumerate(sources):
+            picked.setdefault(site_of(str(src)), [])
+            if len(picked[site_of(str(src))]) < per_site:
+                picked[site_of(str(src))].append(i)
+        index = sorted(i for v in picked.values() for i in v)
+        data = f.load(index)
+    write_dataset(out, np.rint(data.geometry).astype(np.int16), data.dose, data.energy, attrs=data.attrs,
+                  meta=data.meta, voxel_mm=data.voxel_mm)
+    result: dict[str, Any] = {"file": out.name, "from": source.name, "indices": index, "beamlets": len(index)}
+    for name, engine in (("dota", get_engine("dota", model=str(checkpoint))), ("analytic", get_engine("analytic"))):
+        dose = engine.dose(data.geometry, data.energy)
+        gamma = [paper_gamma(data.dose[i], dose[i]).pass_rate_percent for i in range(len(index))]
+        rel = [relative_error_percent(data.dose[i], dose[i]) for i in range(len(index))]
+        result[f"{name}_gamma_mean"] = float(np.mean(gamma))
+        result[f"{name}_gamma_min"] = float(np.min(gamma))
+        result[f"{name}_relative_error_mean"] = float(np.mean(rel))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -180,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--manifest", type=Path, action="append", default=[], help="dataset manifest (repeatable)")
     p.add_argument("--bf16", type=Path, help="JSON with the measured bf16 error")
     p.add_argument("--speed", action="append", default=[], help="a measured speed line for the card (repeatable)")
+    p.add_argument("--golden-from", type=Path, help="Monte Carlo test file to take the shipped golden beamlets from")
+    p.add_argument("--golden-per-site", type=int, default=2, help="golden beamlets per site (default 2)")
     p.add_argument("--machine", default="2 x86-64 cores (AMD EPYC), no GPU")
+    p.add_argument("--command", help="training command, for a run stopped before it wrote summary.json")
+    p.add_argument("--train-beamlets", type=int, help="training beamlets, for a run without summary.json")
+    p.add_argument("--val-beamlets", type=int, help="validation beamlets, for a run without summary.json")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
 
@@ -192,7 +247,18 @@ def main(argv: list[str] | None = None) -> int:
     state = load_file(str(args.checkpoint))
     cfg = json.loads(meta["config"])
     norm = json.loads(meta["normalization"])
-    summary = _load(args.train, "summary.json")
+    if (args.train / "summary.json").is_file():
+        summary = _load(args.train, "summary.json")
+    else:  # a run stopped before its last epoch (e.g. at a deadline): its history and state say what was done
+        history = _load(args.train, "history.json")
+        import torch
+
+        train_state = torch.load(args.train / "state.pt", map_location="cpu", weights_only=True)
+        best = min(history, key=lambda r: r["val_loss"])
+        summary = {"command": args.command, "epochs_done": len(history), "history": history,
+                   "best_val_loss": best["val_loss"], "best_epoch": best["epoch"],
+                   "train_beamlets": args.train_beamlets, "val_beamlets": args.val_beamlets,
+                   "stopped_after_epoch": len(history), "planned_epochs": train_state["train_config"]["epochs"]}
     history = summary.get("history", [])
     hours = sum(r.get("seconds", 0.0) for r in history) / 3600
     preset = _load(args.train, "train_config.json").get("preset")
@@ -209,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             "train_beamlets": summary.get("train_beamlets"),
             "val_beamlets": summary.get("val_beamlets"),
             "best_val_loss": summary.get("best_val_loss"),
+            "best_epoch": summary.get("best_epoch"),
+            "planned_epochs": summary.get("planned_epochs"),
             "hours": hours,
             "machine": args.machine,
             "history": history,
@@ -222,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         "speed": args.speed,
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.golden_from is not None:
+        record["golden"] = write_golden(args.golden_from, args.out / "default_golden.h5", args.checkpoint,
+                                        args.golden_per_site)
     meta["extra"] = json.dumps({"model_card": "default.md", "preset": preset,
                                 "test_gamma_1pct_3mm": record["test"]["dota"]["gamma"][CRIT]["mean"]})
     save_file(state, str(args.out / "default.safetensors"), metadata=meta)

@@ -433,7 +433,7 @@ def test_non_finite_model_output_never_reaches_metrics_or_files(two_h5, tmp_path
     ["view", "--port", "0"],
     ["view", "--port", "-1"],
     ["view", "--port", "70000"],
-    ["demo", "--minutes", "0"],
+    ["demo", "--train-minutes", "-1"],
 ])
 def test_zero_and_negative_sizes_counts_threads_and_ports_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -523,6 +523,9 @@ def test_resume_refuses_changed_settings(small_h5, tmp_path, capsys):
     assert "was started with --preset tiny, not small" in _one_line_error(capsys)
     with pytest.raises(InputError, match="--lr 0.001"):
         train(small_h5, run, TrainConfig(**{**TRAIN, "lr": 0.5}), resume=True, progress=False)
+    # other data, or a validation file the run did not start with, would train on other beamlets
+    assert main([*base, "--val-data", str(small_h5)]) == 2
+    assert "was started with --val-data None" in _one_line_error(capsys)
     # what does not change the training (the device) may change; the same settings resume
     assert main([*base, "--epochs", "2", "--preset", "tiny", "--device", "cpu"]) == 0
     assert json.loads((run / "summary.json").read_text())["epochs_done"] == 2

@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "training workflow (analytic data, the small preset trained for that long).")
     p.add_argument("--out", type=Path, default=Path("dota-demo"), help="results folder (default ./dota-demo)")
     p.add_argument("--model", help="checkpoint to demonstrate instead of the shipped default model")
-    p.add_argument("--train-minutes", type=float, default=0.0,
+    p.add_argument("--train-minutes", type=_non_negative_float, default=0.0,
                    help="also generate analytic data and train the small preset for this long (default 0: no)")
     _add_common(p)
     p.set_defaults(func=cmd_demo)

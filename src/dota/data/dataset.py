@@ -97,8 +97,12 @@ class BeamletDataset(Dataset):
             f, j = self._locate(i)
             base[i] = engine.dose(np.asarray(f.geometry[j], dtype=np.float32)[None], np.array([f.energy[j]]),
                                   f.voxel_mm)[0]
-        base /= np.float32(self.normalization.dose_max)
-        return base
+        return base  # Gy per 1e9 primaries: scaled per item, so the normalisation may still be set after this
+
+    @property
+    def base_max(self) -> float:
+        """Largest base dose (Gy per 1e9 primaries) over the items; 0 without a base engine."""
+        return 0.0 if self._base is None else float(self._base.max())
 
     def __len__(self) -> int:
         return int(self.indices.size)
@@ -127,7 +131,7 @@ class BeamletDataset(Dataset):
         d = norm.scale_dose(torch.from_numpy(dose))
         base = None
         if self._base is not None:
-            base = torch.from_numpy(self._base[i])
+            base = torch.from_numpy(self._base[i]) / float(norm.dose_max)
             d = d - base
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, int(self.indices[i])])
@@ -157,7 +161,7 @@ class BeamletDataset(Dataset):
 
     def base_scaled(self, i: int) -> np.ndarray | None:
         """The scaled base dose of item ``i`` (None without a base engine)."""
-        return None if self._base is None else self._base[i]
+        return None if self._base is None else self._base[i] / np.float32(self.normalization.dose_max)
 
 
 def compute_normalization(
