@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="+", type=Path, help="training dataset file(s) (HDF5 beamlet format)")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, history.{json,csv,png}")
     p.add_argument("--val-data", type=Path, help="separate validation file (default: hold out --val-fraction)")
-    p.add_argument("--preset", help="model preset: paper, small, tiny (default paper)")
+    p.add_argument("--preset", help="model preset: paper, small, tiny, small-res, small-pb, tiny-res, tiny-pb, "
+                   "paper-pb (-res/-pb learn a correction to the analytic engine; default paper)")
     p.add_argument("--epochs", type=positive_int, help="epochs (default 30)")
     p.add_argument("--batch-size", type=positive_int, help="beamlets per optimizer step (default 8)")
     p.add_argument("--lr", type=positive_float, help="learning rate (default 1e-3)")
