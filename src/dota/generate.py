@@ -572,19 +572,9 @@ def manifest_path_for(out_path: str | os.PathLike) -> Path:
 def _run_on_ray(groups: list[list[BeamletSpec]], todo: list[int], args: tuple, workers: int,
                 ray_address: str | None, finished: Callable[[int, dict[str, np.ndarray]], None],
                 cpus_per_task: int) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise InputError("parallel generation needs Ray: pip install 'dota-dose[ray]'") from None
-    started = False
-    if not ray.is_initialized():
-        if ray_address:
-            ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
-        else:
-            ray.init(num_cpus=int(workers), include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
-        started = True
-    try:
+    from dota.runtime import ray_session
+
+    with ray_session(workers, ray_address, purpose="parallel generation") as ray:
         task = ray.remote(num_cpus=cpus_per_task, max_retries=2)(run_group)
         capacity = max(1, int(ray.cluster_resources().get("CPU", workers)) // cpus_per_task)
         window = 2 * capacity
@@ -598,9 +588,6 @@ def _run_on_ray(groups: list[list[BeamletSpec]], todo: list[int], args: tuple, w
             for ref in ready:
                 g = pending.pop(ref)
                 finished(g, ray.get(ref))
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _merge(out: Path, parts: Path, groups: list[list[BeamletSpec]], attrs: dict[str, Any],

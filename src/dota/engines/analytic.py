@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from dota.constants import ENGINE_ENERGY_RANGE_MEV, PRIMARIES_UNIT, VOXEL_MM
-from dota.engines.base import DoseEngine, register_engine
+from dota.engines.base import DoseEngine
 from dota.errors import InputError
 from dota.physics.bragg import GY_PER_MEV_PER_G, water_depth_dose
 from dota.physics.depth import check_voxel_mm
@@ -119,7 +119,6 @@ def _beam_model_table() -> tuple[np.ndarray, tuple[str, ...], float]:
     return _BEAM_MODEL_CACHE[0]
 
 
-@register_engine("analytic")
 class AnalyticEngine(DoseEngine):
     """Analytic pencil-beam engine (see the module docstring): fast baseline and test fixture, not ground truth.
 
@@ -130,7 +129,8 @@ class AnalyticEngine(DoseEngine):
         energy-dependent :func:`dota.physics.spot_sigma_mm` (6.0 mm at 70 MeV to 2.8 mm at 225 MeV).
     spot_model : {"dota", "beam-model"}
         ``"beam-model"`` takes the spot of the MCsquare beam model instead (:func:`beam_model_spot`:
-        elliptical core, 3-6 % of the protons in a wide halo); registered as the engine ``analytic-bdl``.
+        elliptical core, 3-6 % of the protons in a wide halo); the engine ``analytic-bdl`` in
+        :data:`dota.engines.base.BUILTIN_ENGINES`.
     """
 
     name = "analytic"
@@ -221,9 +221,3 @@ class AnalyticEngine(DoseEngine):
         profile_x = _lateral_profiles(centre_x, np.sqrt(sub_x**2 + mcs**2), cols, dx)  # (D, K, W)
         weighted = profile_y * torch.from_numpy(idd * _GY_PER_1E9).float()[:, :, None]
         out[:depth_count] = torch.bmm(weighted.transpose(1, 2), profile_x).numpy()
-
-
-@register_engine("analytic-bdl")
-def _analytic_with_beam_model_spot(**kwargs) -> AnalyticEngine:
-    """The analytic engine with the spot of the MCsquare beam model (the Monte Carlo data's beam)."""
-    return AnalyticEngine(spot_model="beam-model", **kwargs)

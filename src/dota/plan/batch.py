@@ -7,7 +7,6 @@ threads, so ``workers`` jobs run at once on a machine of ``workers * cpus_per_jo
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,22 +44,9 @@ def map_plan_doses(jobs: Sequence[dict[str, Any]], *, workers: int = 2, cpus_per
             raise InputError(f"plan job {i} needs 'ct' and 'plan'")
     if int(workers) < 1 or int(cpus_per_job) < 1:
         raise InputError("workers and cpus_per_job must be >= 1")
-    try:
-        import ray
-    except ImportError:
-        raise InputError("batch plan dose needs Ray: pip install 'dota-dose[ray]'") from None
-    started = False
-    if not ray.is_initialized():
-        if ray_address:
-            ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
-        else:
-            ray.init(num_cpus=int(workers) * int(cpus_per_job), include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
-        started = True
-    try:
+    from dota.runtime import ray_session
+
+    with ray_session(int(workers) * int(cpus_per_job), ray_address, purpose="batch plan dose") as ray:
         task = ray.remote(num_cpus=int(cpus_per_job), max_retries=0)(_run_job)
         refs = [task.remote(dict(job), dict(options), int(cpus_per_job)) for job in jobs]
         return list(ray.get(refs))
-    finally:
-        if started:
-            ray.shutdown()

@@ -11,25 +11,8 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+# the one argparse type for each rule (dota.cli imports this module only inside build_parser: no cycle)
+from dota.cli import positive_float, positive_int
 
 
 def _print_summary(summary: dict, keys: tuple[str, ...]) -> None:
@@ -93,21 +76,21 @@ def add_commands(sub: argparse._SubParsersAction, add_common: Callable[..., None
     p.add_argument("--engine", default="dota", choices=["dota", "analytic", "mcsquare", "mcsquare-plan"],
                    help="beamlet engine (dota, analytic, mcsquare) or MCsquare's own full-plan run (default dota)")
     p.add_argument("--model", help="DoTA checkpoint path or preset name (dota engine; default: the shipped model)")
-    p.add_argument("--primaries", type=_positive_int,
+    p.add_argument("--primaries", type=positive_int,
                    help="MCsquare protons: per beamlet (mcsquare) or for the whole plan (mcsquare-plan)")
-    p.add_argument("--threads", type=_positive_int, help="MCsquare threads (default 1)")
+    p.add_argument("--threads", type=positive_int, help="MCsquare threads (default 1)")
     p.add_argument("--out", type=Path, action="append", help="dose output; repeat for several formats")
     p.add_argument("--structure", action="append", metavar="SPEC",
                    help="structure for DVHs: rtstruct.dcm[:ROI], mask.nii.gz[:label], pt_N_<name>.csv or "
                    "sphere:x,y,z,r (repeatable)")
     p.add_argument("--dvh", type=Path, help="DVH table (CSV; also <stem>_stats.csv and <stem>.png)")
-    p.add_argument("--prescription", type=_positive_float, help="prescribed dose (Gy) for V95/V107 in the DVH stats")
+    p.add_argument("--prescription", type=positive_float, help="prescribed dose (Gy) for V95/V107 in the DVH stats")
     p.add_argument("--reference", type=Path, help="reference dose (RTDOSE/MHD/NIfTI) for the gamma map (2%%/2mm)")
     p.add_argument("--report", type=Path, help="folder for the plan page (index.html)")
     p.add_argument("--dij", type=Path, help="write the dose-influence matrix (scipy.sparse, compressed .npz)")
     p.add_argument("--dij-threshold", type=float, default=1e-3,
                    help="drop dij values below this fraction of each beamlet's maximum (default 1e-3)")
-    p.add_argument("--max-beamlets-per-call", type=_positive_int, default=128,
+    p.add_argument("--max-beamlets-per-call", type=positive_int, default=128,
                    help="bound on beamlets per engine call (memory; default 128)")
     p.add_argument("--summary", type=Path, help="write the run's summary (statistics, timings) as JSON")
     add_common(p)
@@ -124,19 +107,19 @@ def add_commands(sub: argparse._SubParsersAction, add_common: Callable[..., None
     p.add_argument("--oar", action="append", metavar="SPEC", help="organ at risk (repeatable; same forms)")
     p.add_argument("--angles", default="0", help="gantry angles in degrees, comma-separated (default 0)")
     p.add_argument("--couch", help="couch angles in degrees, one per gantry angle (default 0)")
-    p.add_argument("--dose", type=_positive_float, default=2.0, help="prescribed target dose, Gy in total (default 2)")
-    p.add_argument("--fractions", type=_positive_int, default=1, help="number of fractions (default 1)")
+    p.add_argument("--dose", type=positive_float, default=2.0, help="prescribed target dose, Gy in total (default 2)")
+    p.add_argument("--fractions", type=positive_int, default=1, help="number of fractions (default 1)")
     p.add_argument("--engine", default="analytic", choices=["analytic", "dota", "mcsquare"],
                    help="engine of the dose-influence matrix (default analytic)")
     p.add_argument("--model", help="DoTA checkpoint path or preset name (dota engine)")
-    p.add_argument("--spot-spacing", type=_positive_float,
+    p.add_argument("--spot-spacing", type=positive_float,
                    help="lateral spot spacing, mm, a multiple of 2 (default 1.2 x spot sigma, rounded)")
-    p.add_argument("--layer-spacing", type=_positive_float, default=5.0,
+    p.add_argument("--layer-spacing", type=positive_float, default=5.0,
                    help="energy layer spacing in water-equivalent range, mm (default 5)")
     p.add_argument("--margin", type=float, help="lateral margin around the target for spots, mm (default the spacing)")
     p.add_argument("--oar-weight", type=float, default=0.3, help="weight of the organ-at-risk penalty (default 0.3)")
     p.add_argument("--oar-limit", type=float, default=0.0, help="OAR dose (Gy, total) above which it is penalised")
-    p.add_argument("--iterations", type=_positive_int, default=300, help="L-BFGS-B iterations (default 300)")
+    p.add_argument("--iterations", type=positive_int, default=300, help="L-BFGS-B iterations (default 300)")
     p.add_argument("--out", type=Path, action="append", required=True,
                    help="plan file: .dcm (RT Ion Plan), .json or .txt (repeatable: several formats)")
     p.add_argument("--dij", type=Path, help="also write the dose-influence matrix (target and OAR rows, .npz)")
