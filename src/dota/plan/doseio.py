@@ -10,7 +10,6 @@ as the CT's, ``ImagePositionPatient``/``ImageOrientationPatient`` from the CT gr
 
 from __future__ import annotations
 
-import datetime
 import os
 from pathlib import Path
 from typing import Any
@@ -57,37 +56,17 @@ def write_itk_image(path: str | os.PathLike, array_zyx: np.ndarray, ct: PatientC
 def write_rtdose(path: str | os.PathLike, dose_gy: np.ndarray, ct: PatientCT, plan: Any = None) -> Path:
     """A DICOM RTDOSE of ``dose_gy`` (z, y, x, Gy) on ``ct``'s grid; see the module docstring."""
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as Seq
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    from dota.plan.planio import RT_ION_PLAN_STORAGE, _ds
+    from dota.plan.planio import RT_ION_PLAN_STORAGE, _ds, new_dicom_instance
 
     dose = np.asarray(dose_gy, dtype=np.float64)
     if dose.min() < 0:
         raise InputError(f"RTDOSE cannot hold negative dose (minimum {dose.min():g} Gy)")
-    info = ct.info
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RT_DOSE_STORAGE
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    now = datetime.datetime.now()
-    ds.SOPClassUID = RT_DOSE_STORAGE
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "RTDOSE"
-    ds.Manufacturer = "dota"
-    ds.InstanceCreationDate = ds.ContentDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = ds.ContentTime = now.strftime("%H%M%S")
-    ds.PatientName = info.get("PatientName", "anonymous")
-    ds.PatientID = info.get("PatientID", "dota")
-    ds.StudyInstanceUID = info.get("StudyInstanceUID", generate_uid())
-    ds.StudyID = info.get("StudyID", "1")
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = 1
+    ds = new_dicom_instance(RT_DOSE_STORAGE, "RTDOSE", ct)
+    ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
     ds.InstanceNumber = 1
-    ds.FrameOfReferenceUID = info.get("FrameOfReferenceUID", generate_uid())
     ds.PositionReferenceIndicator = ""
     ds.PatientPosition = ct.patient_position
     nz, ny, nx = ct.shape

@@ -255,38 +255,49 @@ def _ds(value: float) -> Any:
     return DSfloat(float(value), auto_format=True)
 
 
+def new_dicom_instance(sop_class_uid: str, modality: str, ct: Any = None) -> Any:
+    """A new DICOM object written by dota (RT Ion Plan, RTDOSE): file meta, SOP class and instance, modality,
+    manufacturer, creation date and time, one new series, and the patient, study and frame of reference
+    of ``ct`` (its ``info``; new identifiers where it has none)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    info = dict(getattr(ct, "info", {}) or {})
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    now = datetime.datetime.now()
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.Manufacturer = "dota"
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.PatientName = info.get("PatientName", "anonymous")
+    ds.PatientID = info.get("PatientID", "dota")
+    ds.StudyInstanceUID = info.get("StudyInstanceUID", generate_uid())
+    ds.StudyID = info.get("StudyID", "1")
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 1
+    ds.FrameOfReferenceUID = info.get("FrameOfReferenceUID", generate_uid())
+    return ds
+
+
 def write_rtionplan(path: str | os.PathLike, plan: Plan, ct: Any = None, *, machine: str = "dota") -> Path:
     """Write ``plan`` as a DICOM RT Ion Plan (one file). Spot weights are written in MU
     (``FinalCumulativeMetersetWeight`` = ``BeamMeterset``), two control points per layer (weights, then
     zeros), as treatment-planning systems do. ``ct`` (a :class:`~dota.plan.geometry.PatientCT`) supplies
     the patient, study and frame-of-reference identifiers."""
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as Seq
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     plan.validate(beam_model_energy_range_mev())
-    info = dict(getattr(ct, "info", {}) or {})
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RT_ION_PLAN_STORAGE
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    now = datetime.datetime.now()
-    ds.SOPClassUID = RT_ION_PLAN_STORAGE
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "RTPLAN"
-    ds.PatientName = info.get("PatientName", "anonymous")
-    ds.PatientID = info.get("PatientID", "dota")
-    ds.StudyInstanceUID = info.get("StudyInstanceUID", generate_uid())
-    ds.SeriesInstanceUID = generate_uid()
-    ds.FrameOfReferenceUID = info.get("FrameOfReferenceUID", generate_uid())
-    ds.StudyID = info.get("StudyID", "1")
-    ds.SeriesNumber = 1
-    ds.InstanceCreationDate = ds.RTPlanDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = ds.RTPlanTime = now.strftime("%H%M%S")
-    ds.Manufacturer = "dota"
+    ds = new_dicom_instance(RT_ION_PLAN_STORAGE, "RTPLAN", ct)
+    ds.RTPlanDate, ds.RTPlanTime = ds.InstanceCreationDate, ds.InstanceCreationTime
     ds.RTPlanLabel = plan.name[:16]
     ds.RTPlanName = plan.name[:64]
     ds.RTPlanGeometry = "PATIENT"
