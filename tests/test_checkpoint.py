@@ -5,6 +5,7 @@ import torch
 from dota import checkpoint
 from dota.errors import DataFileError, InputError
 from dota.fileio import atomic_write
+from dota.inference import InferenceEngine
 from dota.model import DoTA, DoTAConfig, Normalization
 
 
@@ -19,7 +20,8 @@ def test_roundtrip_keeps_weights_config_and_normalization(tmp_path):
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
     g = np.random.default_rng(0).uniform(-1000, 1500, (2, 150, 24, 24)).astype(np.float32)
-    np.testing.assert_array_equal(model.predict(g, [90.0, 200.0]), loaded.predict(g, [90.0, 200.0]))
+    np.testing.assert_array_equal(InferenceEngine(model).predict(g, [90.0, 200.0]),
+                                  InferenceEngine(loaded).predict(g, [90.0, 200.0]))
 
 
 def test_preset_seeds_are_reproducible():

@@ -22,6 +22,7 @@ from dota.data.hdf5 import read_dataset
 from dota.demo import golden_set_path
 from dota.evaluation.gamma import paper_gamma
 from dota.evaluation.metrics import relative_error_percent
+from dota.inference import InferenceEngine
 
 RECORD = json.loads((default_model_path().parent / "default.json").read_text())
 #: Measured on the shipped golden set when the model was shipped (default.json, "golden").
@@ -66,14 +67,12 @@ def test_predict_and_evaluate_use_the_default_model_without_model(tmp_path: Path
 def test_default_model_fast_paths_equal_its_plain_pass():
     data = read_dataset(golden_set_path())
     model = dota.load_model()
-    check = model.engine.compare_with_full_pass(data.geometry, data.energy)
+    check = InferenceEngine(model).compare_with_full_pass(data.geometry, data.energy)
     assert check["max_abs_diff_rel"] <= 1e-5
 
 
 @pytest.mark.slow
 def test_bf16_error_of_the_default_model_is_what_the_card_says():
-    from dota.inference import InferenceEngine
-
     data = read_dataset(golden_set_path())
     model = dota.load_model()
     fp32 = InferenceEngine(model, path="engine").predict(data.geometry, data.energy)

@@ -1,10 +1,13 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dota import checkpoint
 from dota.errors import InputError
-from dota.model import PRESETS, DoTA, DoTAConfig, attention_mask, dota_energies
+from dota.inference import InferenceEngine
+from dota.model import PRESETS, DoTA, DoTAConfig, attention_mask, conv_to_one_channel, max_pool_2x2
+from dota.seed import SeedModel, dota_energies
 
 
 def test_paper_preset_size_and_shapes():
@@ -22,7 +25,7 @@ def test_paper_preset_size_and_shapes():
 def test_presets_map_blocks_to_dose(name):
     model = checkpoint.load_model(name, seed=0)
     g = np.full((3, *model.config.block_shape), -1000.0 if name == "tiny" else 0.0, np.float32)
-    dose = model.predict(g, np.array([80.0, 150.0, 200.0]))
+    dose = InferenceEngine(model).predict(g, np.array([80.0, 150.0, 200.0]))
     assert dose.shape == (3, *model.config.block_shape) and dose.dtype == np.float32
     assert (dose >= 0).all()
 
@@ -52,17 +55,18 @@ ORIGINAL_HYPERPARAMS = {"num_tokens": 151, "input_shape": [24, 24, 1], "projecti
 
 
 def test_compat_constructor_takes_the_original_hyperparams_unchanged():
-    model = dota_energies(**ORIGINAL_HYPERPARAMS)
+    model = dota_energies(**ORIGINAL_HYPERPARAMS).model
     assert model.config == DoTAConfig.from_name("paper")
     assert model.num_parameters() == DoTA(DoTAConfig.from_name("paper")).num_parameters() == 12_632_937
+    assert dota_energies(**ORIGINAL_HYPERPARAMS).count_params() == 12_632_937
     assert model.config.num_tokens == 151 and model.config.d_model == 6 * 6 * 12 == model.config.head_dim
     # positional form of the original signature, dropout, and full attention without causality
-    assert dota_energies(151, (24, 24, 1), (6, 6, 12), 16, 1, 5, 0.2, True).config == PRESETS["paper"]
-    full = dota_energies(**{**ORIGINAL_HYPERPARAMS, "causal": False})
+    assert dota_energies(151, (24, 24, 1), (6, 6, 12), 16, 1, 5, 0.2, True).model.config == PRESETS["paper"]
+    full = dota_energies(**{**ORIGINAL_HYPERPARAMS, "causal": False}).model
     assert full.config.num_forward == 150 and bool(full.mask.all())
     # other sizes follow the original's rules: depth num_tokens - 1, projection (H/4, W/4, C)
     other = dota_energies(**{**ORIGINAL_HYPERPARAMS, "num_tokens": 41, "input_shape": [8, 8, 1],
-                             "projection_dim": [2, 2, 4], "num_heads": 2})
+                             "projection_dim": [2, 2, 4], "num_heads": 2}).model
     assert other.config.block_shape == (40, 8, 8) and other.config.d_model == 16 == other.config.head_dim
     assert other.config.mlp_dims == (16, 16) and other.config.enc_channels == (64, 64, 4)
 
@@ -88,10 +92,12 @@ def test_compat_constructor_refuses_inconsistent_values(change, match):
 
 
 def test_seed_predict_form_and_errors():
-    model = checkpoint.load_model("tiny", seed=0)
+    model = SeedModel(checkpoint.load_model("tiny", seed=0))
     g = np.zeros((2, 150, 24, 24), np.float32)
     e = np.array([100.0, 120.0])
     np.testing.assert_array_equal(model.predict([g, e]), model.predict(g, e))
+    with pytest.raises(InputError, match=r"\[geometry_hu, energies_mev\]"):
+        model.predict(g)
     with pytest.raises(InputError, match="shape"):
         model.predict(np.zeros((2, 100, 24, 24)), e)
     with pytest.raises(InputError, match="NaN"):
@@ -113,3 +119,62 @@ def test_bad_configs_are_refused():
         DoTAConfig(block_shape=(150, 22, 24))
     with pytest.raises(InputError, match="odd"):
         DoTAConfig(kernel_size=4)
+
+
+def test_encoder_and_decoder_rewrites_equal_the_textbook_layers():
+    """The model's pooling and last convolution are exact rewrites; compare them and the whole encoder and
+    decoder with torch's own layers (max_pool2d, conv2d), in both memory layouts."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 64, 12, 12)
+    assert torch.equal(max_pool_2x2(x), F.max_pool2d(x, 2))
+    w, b = torch.randn(1, 64, 5, 5), torch.randn(1)
+    ref = F.conv2d(x, w, b, padding=2)[:, 0]
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        out = conv_to_one_channel(x.contiguous(memory_format=fmt), w, b, 2)
+        assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    for name in ("paper", "small-pb"):
+        model = checkpoint.load_model(name, seed=1)
+        enc, dec = model.encoder, model.decoder
+        _, h, w_ = model.config.block_shape
+        slices = torch.rand(9, enc.in_channels, h, w_)
+        tokens = torch.randn(9, model.config.d_model)
+        with torch.inference_mode():
+            y = slices
+            for i, (conv, norm) in enumerate(((enc.conv1, enc.norm1), (enc.conv2, enc.norm2), (enc.conv3, enc.norm3))):
+                y = norm(conv(y))
+                y = F.relu(F.max_pool2d(y, 2) if i < 2 else y)
+            enc_ref = y.permute(0, 2, 3, 1).flatten(1)
+            gh, gw, gc = dec.grid
+            z = tokens.reshape(-1, gh, gw, gc).permute(0, 3, 1, 2)
+            for up, norm in ((dec.up1, dec.norm1), (dec.up2, dec.norm2)):
+                z = up(z)
+                z = F.relu(z if norm is None else norm(z))
+            dec_ref = dec.out(z)[:, 0]
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                e_out, d_out = enc(slices, fmt), dec(tokens, fmt)
+                assert float((e_out - enc_ref).abs().max()) <= 1e-5 * float(enc_ref.abs().max()), (name, fmt)
+                assert float((d_out - dec_ref).abs().max()) <= 1e-5 * float(dec_ref.abs().max()), (name, fmt)
+
+
+def test_block_pieces_compose_to_the_block():
+    """keys_values + finish (what the incremental decoder caches and resumes) give the block's own rows."""
+    model = checkpoint.load_model("tiny", seed=4)  # look-ahead 2
+    block = model.blocks[0]
+    x = torch.randn(2, 20, model.config.d_model)
+    mask = attention_mask(20, model.config.num_forward)
+    with torch.inference_mode():
+        ref = block(x, mask)
+        k, v = block.keys_values(x)
+        rows = block.finish(x[:, 5:9], k, v, mask[5:9])
+    assert float((rows - ref[:, 5:9]).abs().max()) <= 1e-6 * float(ref.abs().max())
+
+
+def test_the_model_does_not_know_how_it_is_run():
+    """dota.model imports nothing from dota.inference: the runner holds the model, never the reverse."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dota.model; bad = sorted(m for m in sys.modules if m.startswith('dota.inference')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -3,9 +3,11 @@
 Curated public API (imported lazily, so ``import dota`` stays light)::
 
     import dota
-    model = dota.load_model("runs/demo/train/best.safetensors")   # or a preset: "paper", "small", "tiny"
-    dose = model.predict(geometry_hu, energies_mev)                 # (N, L, H, W) Gy per 1e9 primaries
-    mc = dota.get_engine("mcsquare", primaries=100_000)             # same interface as the model
+    engine = dota.get_engine("dota")                        # the shipped default model, exact caching engine
+    dose = engine.dose(geometry_hu, energies_mev)           # (N, L, H, W) Gy per 1e9 primaries
+    mc = dota.get_engine("mcsquare", primaries=100_000)     # the same interface, Monte Carlo
+    model = dota.load_model("runs/train/best.safetensors")  # a network (torch module): "default", a preset, a path
+    dose = dota.InferenceEngine(model).predict(geometry_hu, energies_mev)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ _API = {
     "DoTA": "dota.model",
     "DoTAConfig": "dota.model",
     "Normalization": "dota.model",
-    "dota_energies": "dota.model",
+    "dota_energies": "dota.seed",
     "load_model": "dota.checkpoint",
     "save_model": "dota.checkpoint",
     "InferenceEngine": "dota.inference",

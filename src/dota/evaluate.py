@@ -23,7 +23,7 @@ from dota.constants import (
     PAPER_REL_ERROR_DOTA,
     PAPER_REL_ERROR_PENCIL_BEAM,
 )
-from dota.data.hdf5 import BeamletFile, write_dataset
+from dota.data.hdf5 import BeamletFile, DatasetWriter, write_dataset
 from dota.engines.base import DoseEngine, get_engine
 from dota.errors import DataFileError, InputError
 from dota.evaluation.gamma import GammaCriteria, paper_gamma
@@ -397,16 +397,22 @@ def predict_file(
     eng = make_engine("dota", model, device, seed)
     with BeamletFile(data) as f:
         n = len(f)
-        dose = np.zeros((n, *f.block_shape), np.float32)
-        bar = _progress(n, progress, "predicting")
-        for s in range(0, n, batch_size):
-            chunk = f.load(slice(s, min(n, s + batch_size)))
-            dose[s : s + len(chunk)] = checked_dose(eng.dose(chunk.geometry, chunk.energy, f.voxel_mm),
-                                                    chunk.geometry.shape, eng, s)
-            bar.update(len(chunk))
-        bar.close()
-        return write_dataset(out, np.asarray(f.geometry[...]), dose, f.energy,
-                             attrs={**eng.file_attrs(), "model": str(model)}, voxel_mm=f.voxel_mm, meta=f.meta)
+        attrs = {**eng.file_attrs(), "model": str(model)}
+
+        def write(tmp: str) -> None:  # streamed: one batch of beamlets in memory at a time
+            bar = _progress(n, progress, "predicting")
+            with DatasetWriter(tmp, f.block_shape, attrs=attrs, voxel_mm=f.voxel_mm,
+                               geometry_int16=f.geometry.dtype == np.int16) as w:
+                for s in range(0, n, batch_size):
+                    chunk = f.load(slice(s, min(n, s + batch_size)))
+                    dose = checked_dose(eng.dose(chunk.geometry, chunk.energy, f.voxel_mm), chunk.geometry.shape,
+                                        eng, s)
+                    w.append(chunk.geometry, dose, chunk.energy, meta=chunk.meta)
+                    bar.update(len(chunk))
+            bar.close()
+
+        atomic_write(out, write)
+        return Path(out)
 
 
 def plot_evaluation(result: MetricsFile, out_dir: Path) -> list[Path]:

@@ -6,7 +6,8 @@ Shapes: a beamlet is a CT block (L, H, W) in the beam's-eye view (depth first) p
 encoder turns each of the L slices into a token of width ``d_model``; the energy becomes token 0; the
 transformer mixes tokens causally (token i sees tokens j <= i + num_forward); the decoder turns each
 slice token back into a dose slice. The network works on scaled quantities (see
-:class:`Normalization`); :meth:`DoTA.predict` takes HU and MeV and returns Gy per 1e9 primaries.
+:class:`Normalization`); :class:`dota.inference.InferenceEngine` runs a model from HU and MeV to Gy per
+1e9 primaries.
 """
 
 from __future__ import annotations
@@ -170,9 +171,47 @@ class Normalization:
 # Blocks
 
 
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2)`` for even H and W, as two maxima of strided views: the same values, fast in any
+    memory layout (torch's pooling is slow on the NCHW output a convolution of a one-channel input gives)."""
+    rows = torch.maximum(x[:, :, 0::2], x[:, :, 1::2])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
+def conv_to_one_channel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding)[:, 0]`` for a (1, C, k, k) kernel: (N, C, H, W) -> (N, H, W).
+
+    The same sum in another order: a (k*k taps) x C product with the activations, then a shift-and-add of
+    the k*k tap planes (zero padding by clipping). Convolution libraries pad the single output channel to
+    a full vector width and run such a layer at a fraction of peak; this runs at matrix-product speed.
+    """
+    n, c, h, w = x.shape
+    k, p = weight.shape[-1], padding
+    taps = weight[0].permute(1, 2, 0).reshape(k * k, c)  # row ky*k + kx: the kernel's weights for that tap
+    flat = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view for channels-last input
+    z = torch.mm(taps.to(flat.dtype), flat.t()).view(k * k, n, h, w)  # one plane per tap
+    centre = p * k + p
+    out = z[centre] + bias.to(z.dtype)
+    for tap in range(k * k):
+        if tap == centre:
+            continue
+        dy, dx = tap // k - p, tap % k - p
+        # out[i, j] += z[tap, i + dy, j + dx] wherever that lies inside the slice (zero padding)
+        out[:, max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)] += z[
+            tap, :, max(0, dy) : h + min(0, dy), max(0, dx) : w + min(0, dx)
+        ]
+    return out
+
+
+def _relu(x: torch.Tensor) -> torch.Tensor:
+    """ReLU, in place where no gradient is taken (inference reuses the buffer)."""
+    return F.relu(x) if torch.is_grad_enabled() and x.requires_grad else F.relu_(x)
+
+
 class SliceEncoder(nn.Module):
-    """Per-slice CNN: (B*L, 1, H, W) -> (B*L, d_model). Conv-GroupNorm-MaxPool-ReLU twice, then
-    Conv-GroupNorm-ReLU, flattened channels-last (rows, cols, channels) as in the Keras original."""
+    """Per-slice CNN: (n, C, H, W) -> (n, d_model). Conv-GroupNorm-MaxPool-ReLU twice, then
+    Conv-GroupNorm-ReLU, flattened channels-last (rows, cols, channels) as in the Keras original.
+    C is 1 (the CT), or 2 with the base dose as channel 1 (``base_input``)."""
 
     def __init__(self, cfg: DoTAConfig) -> None:
         super().__init__()
@@ -184,15 +223,21 @@ class SliceEncoder(nn.Module):
         self.conv2, self.norm2 = nn.Conv2d(c1, c2, k, padding=p, bias=False), nn.GroupNorm(g2, c2, eps=1e-3)
         self.conv3, self.norm3 = nn.Conv2d(c2, c3, k, padding=p, bias=False), nn.GroupNorm(g3, c3, eps=1e-3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(F.max_pool2d(self.norm1(self.conv1(x)), 2))
-        x = F.relu(F.max_pool2d(self.norm2(self.conv2(x)), 2))
-        x = F.relu(self.norm3(self.conv3(x)))
-        return x.permute(0, 2, 3, 1).flatten(1)
+    def forward(self, x: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """``memory_format``: the layout of the activations (channels-last is oneDNN's fast one on x86)."""
+        if x.ndim == 3:  # (n, H, W): one channel
+            x = x.unsqueeze(1)
+        layers = ((self.conv1, self.norm1), (self.conv2, self.norm2), (self.conv3, self.norm3))
+        for i, (conv, norm) in enumerate(layers):
+            x = norm(conv(x))
+            if i < 2:
+                x = max_pool_2x2(x).contiguous(memory_format=memory_format)
+            x = _relu(x)
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
 
 
 class SliceDecoder(nn.Module):
-    """Per-slice decoder: (B*L, d_model) -> (B*L, H, W). Two stride-2 transposed convs with
+    """Per-slice decoder: (n, d_model) -> (n, H, W). Two stride-2 transposed convs with
     GroupNorm (if ``decoder_norm``) and ReLU, then a conv to one channel (with bias)."""
 
     def __init__(self, cfg: DoTAConfig) -> None:
@@ -207,17 +252,25 @@ class SliceDecoder(nn.Module):
         self.norm2 = nn.GroupNorm(g1, c1, eps=1e-3) if cfg.decoder_norm else None
         self.out = nn.Conv2d(c1, 1, k, padding=p)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         h, w, c = self.grid
-        x = tokens.reshape(-1, h, w, c).permute(0, 3, 1, 2)
+        x = tokens.reshape(-1, h, w, c).permute(0, 3, 1, 2)  # a channels-last view
+        if memory_format is not torch.channels_last:
+            x = x.contiguous(memory_format=memory_format)
         for up, norm in ((self.up1, self.norm1), (self.up2, self.norm2)):
             x = up(x)
-            x = F.relu(x if norm is None else norm(x))
-        return self.out(x)[:, 0]
+            x = _relu(x if norm is None else norm(x))
+        x = x.contiguous(memory_format=torch.channels_last)  # the tap product reads it as a matrix
+        return conv_to_one_channel(x, self.out.weight, self.out.bias, self.out.padding[0])
 
 
 class Attention(nn.Module):
-    """Multi-head attention without biases, heads of size ``head_dim`` (inner width heads*head_dim)."""
+    """Multi-head attention without biases, heads of size ``head_dim`` (inner width heads*head_dim).
+
+    Split in two so that a cache can sit between them (the incremental decoder keeps every row's keys
+    and values and attends later rows to them): :meth:`keys_values` of some rows, :meth:`attend` of
+    other (query) rows to any keys and values. :meth:`forward` is the two on the same rows.
+    """
 
     def __init__(self, cfg: DoTAConfig) -> None:
         super().__init__()
@@ -234,11 +287,21 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.split_heads(self.q(x)), self.split_heads(self.k(x)), self.split_heads(self.v(x))
+    def keys_values(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised rows (B, T, d) -> keys and values, each (B, heads, T, head_dim)."""
+        return self.split_heads(self.k(h)), self.split_heads(self.v(h))
+
+    def attend(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Normalised query rows (B, T, d) attending to keys/values (B, heads, S, head_dim); ``mask`` (T, S)
+        is True where a query row may see a key. Returns (B, T, d), after the output projection."""
+        q = self.split_heads(self.q(h))
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, dropout_p=drop)
         return self.o(y.transpose(1, 2).flatten(2))
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.attend(h, *self.keys_values(h), mask)
 
 
 class MLP(nn.Module):
@@ -255,7 +318,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+    Cache-aware in the same split as :class:`Attention`: :meth:`keys_values` of input rows, then
+    :meth:`finish` of query rows against any cached keys and values. The inference engine's paths
+    (incremental decoding, geometry sharing) are built from these pieces and :meth:`feed_forward`,
+    so the block's arithmetic is written here once.
+    """
 
     def __init__(self, cfg: DoTAConfig) -> None:
         super().__init__()
@@ -264,9 +333,22 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), mask)
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input rows (B, T, d) -> their keys and values (B, heads, T, head_dim)."""
+        return self.attn.keys_values(self.ln1(x))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The second half: x + MLP(LN(x)), row by row."""
         return x + self.mlp(self.ln2(x))
+
+    def finish(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Output rows for input rows ``x`` (B, T, d) attending to ``keys``/``values`` with ``mask`` (T, S)."""
+        return self.feed_forward(x + self.attn.attend(self.ln1(x), keys, values, mask))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.ln1(x)
+        return self.feed_forward(x + self.attn(h, mask))
 
 
 def attention_mask(num_tokens: int, num_forward: int, device: torch.device | None = None) -> torch.Tensor:
@@ -282,9 +364,10 @@ def attention_mask(num_tokens: int, num_forward: int, device: torch.device | Non
 class DoTA(nn.Module):
     """DoTA: (B, L, H, W) scaled geometry + (B,) scaled energy -> (B, L, H, W) scaled dose.
 
-    The pieces are separate methods so an inference engine can run them selectively:
-    :meth:`encode` (per slice), :meth:`energy_embedding`, :meth:`add_positions`, ``blocks``,
-    :meth:`decode` (per slice).
+    The pieces are separate methods so that an inference engine can run them selectively:
+    :meth:`encode` (per slice), :meth:`energy_embedding`, :meth:`add_positions`, ``blocks`` (each
+    cache-aware: :class:`Block`), :meth:`decode` (per slice). The model knows nothing of how it is run:
+    :class:`dota.inference.InferenceEngine` holds a model and runs it from HU and MeV to Gy.
     """
 
     def __init__(self, config: DoTAConfig | None = None, normalization: Normalization | None = None) -> None:
@@ -298,16 +381,16 @@ class DoTA(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
         self.decoder = SliceDecoder(cfg)
         self.register_buffer("mask", attention_mask(cfg.num_tokens, cfg.num_forward), persistent=False)
-        self._engine = None  # the inference engine behind predict(), created on first use
 
     # -- pieces ------------------------------------------------------------------------------
-    def encode(self, geometry: torch.Tensor) -> torch.Tensor:
+    def encode(self, geometry: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
+               ) -> torch.Tensor:
         """(B, l, H, W) scaled geometry, or (B, l, C, H, W) with the base dose as channel 1 for a model with
         ``base_input`` -> (B, l, d_model) slice tokens (no positions)."""
         b, l = geometry.shape[:2]
         h, w = geometry.shape[-2:]
         c = geometry.shape[2] if geometry.ndim == 5 else 1
-        return self.encoder(geometry.reshape(b * l, c, h, w)).view(b, l, -1)
+        return self.encoder(geometry.reshape(b * l, c, h, w), memory_format).view(b, l, -1)
 
     def network_input(self, geometry_scaled: torch.Tensor, base_scaled: torch.Tensor | None) -> torch.Tensor:
         """What :meth:`forward` takes: the scaled geometry (B, L, H, W), with the scaled base dose stacked
@@ -329,7 +412,7 @@ class DoTA(nn.Module):
     def base_dose_scaled(self, geometry_hu: np.ndarray, energies_mev: np.ndarray) -> torch.Tensor | None:
         """The base dose (``config.base_engine``) of HU blocks and MeV energies, divided by ``dose_max``
         (the network's output scale), or None for a model without a base. The engine, training and
-        :meth:`predict` add it to the network's output; it is not part of :meth:`forward`."""
+        evaluation add it to the network's output; it is not part of :meth:`forward`."""
         if not self.config.base_engine:
             return None
         from dota.engines.analytic import AnalyticEngine
@@ -338,25 +421,28 @@ class DoTA(nn.Module):
         dose = AnalyticEngine(spot_model=spot_model).dose(geometry_hu, energies_mev, self.config.voxel_mm)
         return torch.from_numpy(dose).to(self.device) / float(self.normalization.dose_max)
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
+               ) -> torch.Tensor:
         """(B, l, d_model) slice tokens after the transformer -> (B, l, H, W) scaled dose."""
         b, l, _ = tokens.shape
         _, h, w = self.config.block_shape
-        return self.decoder(tokens.reshape(b * l, -1)).view(b, l, h, w)
+        return self.decoder(tokens.reshape(b * l, -1), memory_format).view(b, l, h, w)
 
     # -- the plain full forward pass ------------------------------------------------------------
-    def forward(self, geometry: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    def forward(self, geometry: torch.Tensor, energy: torch.Tensor,
+                memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         """Plain full pass over all L slices; the reference every fast path is tested against.
+        ``memory_format`` is the convolutions' layout (the same values up to float rounding).
 
         For a model with a ``base_engine`` this is the scaled correction to the base dose."""
-        x = torch.cat([self.energy_embedding(energy), self.encode(geometry)], dim=1)
+        x = torch.cat([self.energy_embedding(energy), self.encode(geometry, memory_format)], dim=1)
         x = self.add_positions(x)
         mask = self.mask[: x.shape[1], : x.shape[1]]
         for block in self.blocks:
             x = block(x, mask)
-        return self.decode(x[:, 1:])
+        return self.decode(x[:, 1:], memory_format)
 
-    # -- physical units ---------------------------------------------------------------------
+    # -- bookkeeping --------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return self.positions.device
@@ -364,37 +450,8 @@ class DoTA(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @property
-    def engine(self):
-        """The :class:`dota.inference.InferenceEngine` that :meth:`predict` uses."""
-        if self._engine is None:
-            from dota.inference.engine import InferenceEngine
 
-            self._engine = InferenceEngine(self)
-        return self._engine
-
-    def enable_kv_cache(self, enabled: bool = True) -> None:
-        """Seed-compatible switch: use the caching engine in :meth:`predict` (default) or the plain pass."""
-        self.engine.enabled = bool(enabled)
-
-    def reset_kv_cache(self) -> None:
-        """Seed-compatible: drop every cached geometry and prefix."""
-        self.engine.reset()
-
-    def predict(self, geometry_hu: Any, energies_mev: Any = None, batch_size: int = 16) -> np.ndarray:
-        """Dose in Gy per 1e9 primaries (N, L, H, W) float32 for HU blocks (N, L, H, W) and energies (N,) MeV.
-
-        Also accepts the seed's form ``model.predict([geometry_hu, energies_mev])``. Runs through the
-        inference engine (exact caching and truncation; see :mod:`dota.inference`).
-        """
-        if energies_mev is None:
-            if not isinstance(geometry_hu, (list, tuple)) or len(geometry_hu) != 2:
-                raise InputError("predict needs (geometry_hu, energies_mev) or [geometry_hu, energies_mev]")
-            geometry_hu, energies_mev = geometry_hu
-        return self.engine.predict(geometry_hu, energies_mev, batch_size=batch_size)
-
-
-def dota_energies(
+def original_config(
     num_tokens: int,
     input_shape: Any,
     projection_dim: Any,
@@ -403,9 +460,10 @@ def dota_energies(
     kernel_size: int,
     dropout_rate: float = 0.2,
     causal: bool = True,
-) -> DoTA:
-    """The original DoTA constructor (``models.dota_energies``), with the original's semantics, so that its
-    ``hyperparam.json`` can be passed unchanged: ``dota_energies(**json.load(open("hyperparam.json")))``.
+) -> DoTAConfig:
+    """The configuration the original DoTA constructor (``models.dota_energies``) builds, with the original's
+    semantics, so that its ``hyperparam.json`` can be passed unchanged (:func:`dota.seed.dota_energies`
+    builds the model from it: ``dota_energies(**json.load(open("hyperparam.json")))``).
 
     ``num_tokens`` counts the energy token: L + 1 (151 for 150 slices). ``input_shape`` is one slice,
     (H, W, 1) (or (H, W)). ``projection_dim`` is the encoder's output shape per slice,
@@ -478,7 +536,7 @@ def dota_energies(
         dropout=rate,
         num_forward=0 if causal else num_slices,
     )
-    return DoTA(cfg)
+    return cfg
 
 
 def init_weights(model: DoTA, seed: int | None = None) -> DoTA:
@@ -498,4 +556,5 @@ def init_weights(model: DoTA, seed: int | None = None) -> DoTA:
     return model
 
 
-__all__ = ["DoTA", "DoTAConfig", "Normalization", "PRESETS", "dota_energies", "attention_mask"]
+__all__ = ["DoTA", "DoTAConfig", "Normalization", "PRESETS", "original_config", "attention_mask", "max_pool_2x2",
+           "conv_to_one_channel"]

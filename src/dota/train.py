@@ -43,6 +43,7 @@ from dota.data.dataset import BeamletDataset, compute_normalization, split_indic
 from dota.data.hdf5 import BeamletFile
 from dota.errors import DataFileError, InputError, TrainingError
 from dota.fileio import check_output
+from dota.inference import InferenceEngine
 from dota.model import DoTA, DoTAConfig, init_weights
 from dota.optim import Lamb
 from dota.report.schema import read_json
@@ -440,7 +441,7 @@ def validate_cached_path(model: DoTA, ds: BeamletDataset, n: int) -> dict[str, f
     items = [ds.raw(i) for i in range(min(n, len(ds)))]
     geometry = np.stack([it[0] for it in items])
     energies = np.array([it[1] for it in items], dtype=np.float32)
-    check = model.engine.compare_with_full_pass(geometry, energies)
+    check = InferenceEngine(model).compare_with_full_pass(geometry, energies)
     return {
         "cache_max_abs_diff_rel": check["max_abs_diff_rel"],
         "cache_tail_rel": check["tail_rel"],

@@ -47,7 +47,7 @@ def test_untrained_model_is_the_analytic_engine(preset):
     g, e = _request()
     model = _model(preset, perturb=False)
     analytic = get_engine("analytic").dose(g, e)
-    np.testing.assert_allclose(model.predict(g, e), analytic, rtol=0, atol=1e-6 * analytic.max())
+    np.testing.assert_allclose(InferenceEngine(model).predict(g, e), analytic, rtol=0, atol=1e-6 * analytic.max())
 
 
 @pytest.mark.parametrize("preset", PRESETS_WITH_BASE)

@@ -14,6 +14,7 @@ import torch
 from dota.errors import InputError
 from dota.inference import InferenceEngine
 from dota.model import PRESETS, DoTA, init_weights
+from dota.seed import SeedModel
 
 from .helpers import TOL, full_pass, max_rel_diff, phantoms
 
@@ -76,18 +77,19 @@ def test_engine_equals_full_pass_on_computed_slices(preset, mode, request_model)
 
 def test_predict_matches_plain_predict_and_seed_api(tiny):
     g, e = request(1)
-    engine = tiny.engine
-    tiny.enable_kv_cache(False)
-    plain = tiny.predict(g, e)
-    tiny.enable_kv_cache(True)
-    fast = tiny.predict(g, e)
+    seed = SeedModel(tiny, path="engine")
+    engine = seed.engine
+    seed.enable_kv_cache(False)
+    plain = seed.predict([g, e])
+    seed.enable_kv_cache(True)
+    fast = seed.predict([g, e])
     _, computed = engine.predict_scaled(g, e)
     scale = plain.reshape(len(g), -1).max(1)
     for i, k in enumerate(computed):
         assert np.abs(fast[i, :k] - plain[i, :k]).max() <= TOL * scale[i]
         assert (fast[i, k:] == 0).all()
     assert engine.cache_stats()["prefix_cache"]["entries"] > 0
-    tiny.reset_kv_cache()
+    seed.reset_kv_cache()
     stats = engine.cache_stats()
     assert stats["prefix_cache"]["entries"] == 0 and stats["geometry_cache"]["entries"] == 0
 
@@ -133,7 +135,7 @@ def test_geometry_cache_across_requests_and_weight_changes():
 
 def test_compare_with_full_pass_reports_exactness_and_speed(tiny):
     g, e = request(3)
-    check = tiny.engine.compare_with_full_pass(g, e)
+    check = InferenceEngine(tiny).compare_with_full_pass(g, e)
     assert set(check) >= {"max_abs_diff_rel", "tail_rel", "computed_fraction", "engine_ms", "baseline_ms"}
     assert check["max_abs_diff_rel"] <= TOL
     # random weights never stop: the tail check recomputes every slice, so nothing is lost
@@ -148,7 +150,7 @@ def test_training_mode_is_refused(tiny):
     tiny.train()
     try:
         with pytest.raises(RuntimeError, match="eval"):
-            tiny.predict(g[:1], e[:1])
+            InferenceEngine(tiny).predict(g[:1], e[:1])
     finally:
         tiny.eval()
 
@@ -161,9 +163,9 @@ def test_bad_options_are_refused(tiny):
     with pytest.raises(InputError, match="margin_mm"):
         InferenceEngine(tiny, margin_mm=-1.0)
     with pytest.raises(InputError, match="batch_size"):
-        tiny.predict(np.zeros((1, 150, 24, 24), np.float32), np.array([100.0]), batch_size=0)
+        InferenceEngine(tiny).predict(np.zeros((1, 150, 24, 24), np.float32), np.array([100.0]), batch_size=0)
     with pytest.raises(InputError, match="energies"):
-        tiny.predict(np.zeros((2, 150, 24, 24), np.float32), np.array([100.0]))
+        InferenceEngine(tiny).predict(np.zeros((2, 150, 24, 24), np.float32), np.array([100.0]))
 
 
 def test_bf16_is_opt_in_and_close(paper):

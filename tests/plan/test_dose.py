@@ -97,11 +97,12 @@ class SpyEngine:
     energy_range_mev = (70.0, 225.0)
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.seeds = [], []
         self.inner = get_engine("analytic")
 
-    def dose(self, geometry, energies, voxel_mm=(2.0, 2.0, 2.0)):
+    def dose(self, geometry, energies, voxel_mm=(2.0, 2.0, 2.0), *, seeds=None):
         self.calls.append((geometry.copy(), energies.copy()))
+        self.seeds.extend(seeds)
         return self.inner.dose(geometry, energies, voxel_mm)
 
 
@@ -115,6 +116,8 @@ def test_each_spot_goes_through_the_engine_as_one_repeated_block():
     for geometry, energies in spy.calls:
         assert np.all(geometry == geometry[0])  # one block repeated: the DoTA engine shares its geometry
         assert len(set(energies.tolist())) == len(energies)
+    # every spot-energy its own Monte Carlo seed, across calls (a call's own indices would repeat them)
+    assert len(spy.seeds) == 5 and len(set(spy.seeds)) == 5
 
 
 def test_dij_reproduces_the_plan_dose(tmp_path, analytic):

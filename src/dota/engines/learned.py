@@ -15,7 +15,7 @@ class LearnedEngine(DoseEngine):
     """Dose from a trained DoTA model: the shipped default model unless ``model`` names a checkpoint path
     (or a preset name, for random weights seeded with ``seed``), or is a loaded model.
 
-    Runs through the model's inference engine (exact caching and truncation), on ``device``: ``"cpu"``,
+    Runs through an inference engine (``runner``: exact caching and truncation), on ``device``: ``"cpu"``,
     ``"cuda"`` or ``"auto"`` (CUDA when available; :func:`dota.runtime.resolve_device`). A loaded model
     stays where it is.
     """
@@ -26,6 +26,7 @@ class LearnedEngine(DoseEngine):
     def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 16, seed: int = 0) -> None:
         from dota import __version__
         from dota.checkpoint import DEFAULT_MODEL, load_model
+        from dota.inference import InferenceEngine
         from dota.model import DoTA
         from dota.runtime import resolve_device
 
@@ -36,6 +37,7 @@ class LearnedEngine(DoseEngine):
         else:
             self.model = load_model(model, device=resolve_device(device), seed=seed)
         self.model.eval()
+        self.runner = InferenceEngine(self.model)
         self.batch_size = batch_size
         self.version = f"dota-dose {__version__}"
         self.hu_calibration = "learned (trained on the reference engine's calibration)"
@@ -48,4 +50,4 @@ class LearnedEngine(DoseEngine):
         expected = tuple(float(v) for v in self.model.config.voxel_mm)
         if tuple(float(v) for v in voxel_mm) != expected:
             raise InputError(f"voxel size {tuple(voxel_mm)} mm differs from the model's {expected} mm")
-        return self.model.predict(geometry_hu, energies_mev, batch_size=self.batch_size)
+        return self.runner.predict(geometry_hu, energies_mev, batch_size=self.batch_size)

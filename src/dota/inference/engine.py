@@ -17,8 +17,9 @@ full pass's dose, computing only what that dose depends on:
 4. **Prefix cache** (:mod:`dota.inference.prefix_cache`): single beamlets whose energy and leading
    slices match an earlier request resume from the cached state.
 5. **Batching**: requests are grouped by geometry; encoder and decoder run in chunks of slices.
-6. **Speed without caching**: inference mode, channels-last convolutions, exact rewrites of the
-   encoder's pooling and the decoder's last convolution (:mod:`dota.inference.kernels`), a tuned
+6. **Speed without caching**: inference mode, channels-last convolutions in chunks of slices
+   (:mod:`dota.inference.kernels`; the model's own encoder and decoder, with their exact rewrites of
+   the pooling and of the last convolution), a tuned
    glibc allocator (:mod:`dota.inference.runtime`); ``torch.compile`` and bf16 are opt-in. Measured
    here, ``torch.compile`` took 184 s to compile and ran 3.6x slower than eager mode (paper preset,
    CPU inductor); it stays available but is not recommended on CPU.
@@ -313,9 +314,11 @@ class InferenceEngine:
 
     def _plain(self, g: torch.Tensor, e: torch.Tensor, batch_size: int) -> torch.Tensor:
         """The model's own full forward pass, in batches: the reference."""
+        configure_allocator()
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         out = torch.empty(_dose_shape(g), dtype=g.dtype, device=g.device)
         for s in range(0, g.shape[0], batch_size):
-            out[s : s + batch_size] = self.model(g[s : s + batch_size], e[s : s + batch_size])
+            out[s : s + batch_size] = self.model(g[s : s + batch_size], e[s : s + batch_size], fmt)
         return out
 
     def _run(

@@ -143,17 +143,13 @@ def energy_tokens(
     x = state.tokens[None] + part_slices.transpose(0, 1) + part_energy  # (E, K, d) first-block rows after attention
 
     if cfg.num_blocks == 1:
-        rows = torch.cat([x[e, :n] for e, n in enumerate(out_slices)])
-        return rows + first.mlp(first.ln2(rows))
+        return first.feed_forward(torch.cat([x[e, :n] for e, n in enumerate(out_slices)]))
 
     # later blocks need the energy token's own row: it attends to itself and the first num_forward slices
     keys = torch.cat([k0[:, :, None], state.look_k[None].expand(len(energy), -1, -1, -1).to(k0.dtype)], 2)
     vals = torch.cat([v0[:, :, None], state.look_v[None].expand(len(energy), -1, -1, -1).to(v0.dtype)], 2)
-    w = torch.softmax((q0[:, :, None] * keys).sum(-1).float() * pb.scale, dim=-1)  # (E, heads, 1 + F)
-    mean0 = (w[..., None].to(vals.dtype) * vals).sum(2)  # (E, heads, head_dim)
-    row0 = x0 + torch.bmm(mean0.transpose(0, 1), pb.wo_heads.to(mean0.dtype)).sum(0)
-    x = torch.cat([row0[:, None], x], dim=1)  # (E, K + 1, d)
-    x = x + first.mlp(first.ln2(x))
+    row0 = x0[:, None] + first.attn.attend(first.ln1(x0)[:, None], keys, vals, None)  # (E, 1, d)
+    x = first.feed_forward(torch.cat([row0, x], dim=1))  # (E, K + 1, d)
     mask = model.mask[: k_len + 1, : k_len + 1]
     for block in model.blocks[1:]:
         x = block(x, mask)

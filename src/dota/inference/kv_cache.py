@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dota.inference.kernels import SliceCodec
 from dota.model import DoTA
@@ -221,14 +220,13 @@ class IncrementalDecoder:
         return self.codec.decode(x.reshape(-1, x.shape[-1])).view(b, x.shape[1], *slices.shape[-2:])
 
     def _block_step(self, layer: int, block, new_rows: torch.Tensor, final: bool) -> torch.Tensor:
-        attn = block.attn
+        """Cache the keys/values of a block's new input rows; return its output rows that became final."""
         s, t = self.n_in[layer], new_rows.shape[1]
         b = new_rows.shape[0]
         keys = values = None
         if t:
             self.x_in[layer][:b, s : s + t] = new_rows
-            h = block.ln1(new_rows)
-            keys, values = self.cache.update(layer, s, attn.split_heads(attn.k(h)), attn.split_heads(attn.v(h)))
+            keys, values = self.cache.update(layer, s, *block.keys_values(new_rows))
             self.n_in[layer] = s + t
         n = self.n_in[layer]
         r0 = self.n_out[layer]
@@ -237,13 +235,9 @@ class IncrementalDecoder:
             return new_rows.new_zeros(b, 0, new_rows.shape[-1])
         if keys is None:
             keys, values = self.cache.k[layer][:b, :, :n], self.cache.v[layer][:b, :, :n]
-        xq = self.x_in[layer][:b, r0:ready]
-        q = attn.split_heads(attn.q(block.ln1(xq)))
-        rows = torch.arange(r0, ready, device=xq.device)
-        mask = torch.arange(n, device=xq.device)[None, :] <= rows[:, None] + self.nf
-        y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
-        out = xq + attn.o(y.transpose(1, 2).flatten(2))
-        out = out + block.mlp(block.ln2(out))
+        rows = torch.arange(r0, ready, device=new_rows.device)
+        mask = torch.arange(n, device=new_rows.device)[None, :] <= rows[:, None] + self.nf
+        out = block.finish(self.x_in[layer][:b, r0:ready], keys, values, mask)
         self.n_out[layer] = ready
         return out
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from dota.constants import BLOCK_SHAPE, PRIMARIES_UNIT, VOXEL_MM
+from dota.engines.base import beamlet_seed
 from dota.errors import InputError
 from dota.plan import bev
 from dota.plan.geometry import PatientCT, iec_beam_axes
@@ -218,8 +219,12 @@ def _run_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: lis
         blocks = [bev.cut_block(hu_grid, windows[gi], block_shape) for gi in chunk]
         geometry = np.concatenate([np.repeat(blk[None], len(groups[gi]), axis=0) for blk, gi in zip(blocks, chunk)])
     idx = np.concatenate([groups[gi] for gi in chunk])
+    # each spot-energy its own seed, from its index in the plan (not in this call): chunks and beams never
+    # reuse a Monte Carlo engine's random streams; deterministic engines ignore seeds
+    master = int(getattr(engine, "seed", 0))
+    seeds = [beamlet_seed(master, column0 + int(i)) for i in idx]
     with timer("infer"):
-        dose = engine.dose(geometry, energies[idx].astype(np.float32), voxel_mm)
+        dose = engine.dose(geometry, energies[idx].astype(np.float32), voxel_mm, seeds=seeds)
     stats["engine_calls"] += 1
     scale = protons[idx] / PRIMARIES_UNIT
     with timer("deposit"):
