@@ -11,6 +11,7 @@ import torch
 
 from dota.engines import get_engine
 from dota.inference import InferenceEngine
+from dota.inference.engine import geometry_digests
 from dota.model import PRESETS, DoTA, Normalization, init_weights
 
 from .helpers import TOL, phantoms
@@ -76,10 +77,10 @@ def test_energy_input_model_shares_no_work_between_energies():
     g, e = _request()
     model = _model("tiny-pb", perturb=True)
     engine = InferenceEngine(model, path="engine", prefix_cache_bytes=0)
-    groups, _ = engine._groups(g, torch.from_numpy(e))
+    groups, _ = engine._groups(geometry_digests(g), torch.from_numpy(e))
     assert all(len(grp) == 1 for grp in groups)
     same = np.repeat(g[:1], 2, 0)
-    groups, _ = engine._groups(same, torch.tensor([0.5, 0.5]))
+    groups, _ = engine._groups(geometry_digests(same), torch.tensor([0.5, 0.5]))
     assert groups == [[0, 1]]  # identical beamlets still share
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 
 from dota.inference import InferenceEngine
-from dota.inference.engine import PathChooser
+from dota.inference.engine import PathChooser, geometry_digests
 
 from .helpers import phantoms
 
@@ -24,8 +24,8 @@ def test_chooser_measures_both_then_keeps_the_faster_and_reprobes():
 
 def test_kind_of_request_separates_shared_geometry():
     g = phantoms(["heterogeneous", "lung"], 1)
-    assert PathChooser.key(np.repeat(g[:1], 4, 0))[0] == "shared"
-    assert PathChooser.key(g)[0] == "distinct"
+    assert PathChooser.key(geometry_digests(np.repeat(g[:1], 4, 0)))[0] == "shared"
+    assert PathChooser.key(geometry_digests(g))[0] == "distinct"
 
 
 def test_auto_path_gives_the_plain_dose_whichever_it_takes(tiny):

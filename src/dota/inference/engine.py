@@ -238,12 +238,14 @@ class InferenceEngine:
         t0 = time.perf_counter()
         geometry, energies, g, e, base = self._inputs(geometry_hu, energies_mev)
         which = "plain" if not self.enabled else self.path
-        key = None
+        key = digests = None
+        if which != "plain":
+            digests = geometry_digests(geometry)  # once per request: the chooser and the grouping use them
         if which == "auto":
-            key = self.chooser.key(geometry)
+            key = self.chooser.key(digests)
             which = self.chooser.choose(key)
         if which == "engine":
-            out, _ = self._run(geometry, energies, g, e, batch_size, base=base)
+            out, _ = self._run(geometry, energies, g, e, batch_size, base=base, digests=digests)
         else:
             out = self._plain(g, e, batch_size)
             self.last_stats = {"beamlets": len(energies), "truncation": "none", "recomputed": 0,
@@ -323,11 +325,13 @@ class InferenceEngine:
 
     def _run(
         self, geometry: np.ndarray, energies: np.ndarray, g: torch.Tensor, e: torch.Tensor, batch_size: int,
-        base: torch.Tensor | None = None,
+        base: torch.Tensor | None = None, digests: list[bytes] | None = None,
     ) -> tuple[torch.Tensor, np.ndarray]:
         configure_allocator()
         self._refresh()
         n, num_slices = g.shape[:2]
+        if digests is None:
+            digests = geometry_digests(geometry)
         stats: dict[str, Any] = {"beamlets": n, "truncation": self.truncation}
         with self._precision():
             if self.truncation == "stream":
@@ -342,11 +346,12 @@ class InferenceEngine:
                     computed[s : s + batch_size] = done
             else:
                 needed = self.required_slices(geometry, energies)
-                out, computed = self._run_grouped(geometry, g, e, needed, stats)
+                out, computed = self._run_grouped(geometry, g, e, needed, stats, digests)
                 redo = self._unverified(out, computed, base) if self.verify_tail else np.zeros(0, np.int64)
                 if redo.size:
                     full = np.full(redo.size, num_slices, dtype=np.int64)
-                    redone, _ = self._run_grouped(geometry[redo], g[redo], e[redo], full, {})
+                    redone, _ = self._run_grouped(geometry[redo], g[redo], e[redo], full, {},
+                                                  [digests[i] for i in redo])
                     out[redo] = redone
                     computed[redo] = num_slices
                 stats["recomputed"] = int(redo.size)
@@ -371,32 +376,30 @@ class InferenceEngine:
                 bad.append(i)
         return np.asarray(bad, dtype=np.int64)
 
-    def _groups(self, geometry: np.ndarray, e: torch.Tensor) -> tuple[list[list[int]], list[bytes]]:
-        """Beamlets grouped by what their encoder input depends on: the geometry, and for a model that takes
-        the base dose as an input also the energy (then only identical beamlets share work)."""
-        with_energy = self.model.config.base_input
-        digests = []
-        for i in range(len(geometry)):
-            h = hashlib.sha256(np.ascontiguousarray(geometry[i]).data)
-            if with_energy:
-                h.update(np.float32(e[i].item()).tobytes())
-            digests.append(h.digest()[:16])
+    def _groups(self, digests: list[bytes], e: torch.Tensor) -> tuple[list[list[int]], list[bytes]]:
+        """Beamlets grouped by what their encoder input depends on: the geometry (its digest), and for a model
+        that takes the base dose as an input also the energy (then only identical beamlets share work).
+        Returns the groups and each beamlet's key."""
+        keys = list(digests)
+        if self.model.config.base_input:
+            keys = [hashlib.sha256(d + np.float32(e[i].item()).tobytes()).digest()[:16] for i, d in enumerate(keys)]
         if not self.share_geometry:
-            return [[i] for i in range(len(geometry))], digests
+            return [[i] for i in range(len(keys))], keys
         groups: dict[bytes, list[int]] = {}
-        for i, d in enumerate(digests):
+        for i, d in enumerate(keys):
             groups.setdefault(d, []).append(i)
-        return list(groups.values()), digests
+        return list(groups.values()), keys
 
     def _run_grouped(
-        self, geometry: np.ndarray, g: torch.Tensor, e: torch.Tensor, needed: np.ndarray, stats: dict[str, Any]
+        self, geometry: np.ndarray, g: torch.Tensor, e: torch.Tensor, needed: np.ndarray, stats: dict[str, Any],
+        digests: list[bytes],
     ) -> tuple[torch.Tensor, np.ndarray]:
         cfg = self.model.config
         num_slices = cfg.block_shape[0]
         lag = cfg.num_blocks * cfg.num_forward
         out = torch.zeros(_dose_shape(g), dtype=torch.float32, device=g.device)
         computed = needed.copy()
-        groups, digests = self._groups(geometry, e)
+        groups, digests = self._groups(digests, e)
         stats["groups"] = len(groups)
         queue: list[tuple[torch.Tensor, list[int], list[int]]] = []
         queued = 0
@@ -486,13 +489,10 @@ class PathChooser:
         self.calls: dict[tuple, int] = {}
 
     @staticmethod
-    def key(geometry: np.ndarray) -> tuple[str, int]:
-        n = len(geometry)
-        if n > 1:
-            flat = np.ascontiguousarray(geometry).reshape(n, -1)
-            shared = len({hashlib.sha256(row.data).digest() for row in flat}) < n
-        else:
-            shared = False
+    def key(digests: list[bytes]) -> tuple[str, int]:
+        """The kind of a request from its beamlets' :func:`geometry_digests`."""
+        n = len(digests)
+        shared = len(set(digests)) < n
         return ("shared" if shared else "distinct", int(np.ceil(np.log2(max(1, n)))))
 
     def choose(self, key: tuple) -> str:
@@ -523,6 +523,11 @@ class PathChooser:
         return out
 
 
+def geometry_digests(geometry: np.ndarray) -> list[bytes]:
+    """A 16-byte SHA-256 digest of each beamlet's HU block (N, L, H, W): equal blocks, equal digests."""
+    return [hashlib.sha256(np.ascontiguousarray(block).data).digest()[:16] for block in geometry]
+
+
 def _dose_shape(x: torch.Tensor) -> tuple[int, ...]:
     """(N, L, H, W) for network input (N, L, H, W) or (N, L, C, H, W)."""
     return (*x.shape[:2], *x.shape[-2:])
@@ -548,4 +553,4 @@ def exactness(out: torch.Tensor, ref: torch.Tensor, computed: np.ndarray) -> tup
     return diff, tail
 
 
-__all__ = ["InferenceEngine", "PathChooser", "exactness", "TRUNCATION_MODES", "PRECISIONS", "PATHS"]
+__all__ = ["InferenceEngine", "PathChooser", "exactness", "geometry_digests", "TRUNCATION_MODES", "PRECISIONS", "PATHS"]

@@ -42,6 +42,8 @@ class GammaResult:
     pass_rate_percent: float
     evaluated: int
     criteria: str
+    pass_rate_in_patient_percent: float = float("nan")  # voxels denser than air (HU > AIR_HU) only
+    evaluated_in_patient: int = 0
 
 
 def plan_gamma(dose_gy: np.ndarray, reference_gy: np.ndarray, ct: PatientCT,
@@ -49,7 +51,9 @@ def plan_gamma(dose_gy: np.ndarray, reference_gy: np.ndarray, ct: PatientCT,
                cutoff_percent: float = PLAN_GAMMA_CUTOFF_PERCENT) -> GammaResult:
     """Global 3D gamma of ``dose_gy`` against ``reference_gy`` (same CT grid) with
     :func:`dota.evaluation.gamma.gamma_index`, computed on the box where the reference exceeds the cutoff
-    (plus the search radius)."""
+    (plus the search radius). Also the pass rate inside the patient (HU > :data:`dota.evaluate.AIR_HU`, as
+    for beamlets): Monte Carlo scores dose to water in all the air its protons cross from the CT's edge,
+    the beamlet engines only from a block's entrance near the skin."""
     from dota.evaluation.gamma import gamma_index
 
     if dose_gy.shape != reference_gy.shape:
@@ -67,9 +71,14 @@ def plan_gamma(dose_gy: np.ndarray, reference_gy: np.ndarray, ct: PatientCT,
     g = gamma_index(ref[box], np.asarray(dose_gy, dtype=np.float64)[box], voxel_mm=tuple(ct.spacing_mm),
                     dose_percent=dose_percent, dta_mm=dta_mm, global_norm=norm, lower_cutoff_percent=cutoff_percent)
     out[box] = g
+    from dota.evaluate import AIR_HU
+
     valid = np.isfinite(out)
+    inside = valid & (np.asarray(ct.hu) > AIR_HU)
     rate = float(100.0 * np.mean(out[valid] <= 1.0)) if valid.any() else float("nan")
-    return GammaResult(out, rate, int(valid.sum()), f"{dose_percent:g}%/{dta_mm:g}mm, {cutoff_percent:g}% cutoff")
+    rate_in = float(100.0 * np.mean(out[inside] <= 1.0)) if inside.any() else float("nan")
+    return GammaResult(out, rate, int(valid.sum()), f"{dose_percent:g}%/{dta_mm:g}mm, {cutoff_percent:g}% cutoff",
+                       rate_in, int(inside.sum()))
 
 
 def _png(rgb: np.ndarray, scale_rc: tuple[float, float]) -> str:
@@ -198,8 +207,10 @@ def write_plan_report(
             imgs.append(f"<figure><img src='{_png(rgb, aspect[axis])}' alt='gamma {label}'><figcaption>{label} slice "
                         f"{centre[axis]}</figcaption></figure>")
         parts.append(f"<h2>Gamma against the reference</h2><p>{html.escape(gamma.criteria)}: pass rate "
-                     f"<b>{gamma.pass_rate_percent:.2f} %</b> of {gamma.evaluated} voxels (green passes, orange to red "
-                     "fails, gamma drawn to 2).</p><div class='planes'>" + "".join(imgs) + "</div>")
+                     f"<b>{gamma.pass_rate_percent:.2f} %</b> of {gamma.evaluated} voxels, "
+                     f"<b>{gamma.pass_rate_in_patient_percent:.2f} %</b> of the {gamma.evaluated_in_patient} inside the "
+                     "patient (denser than air; Monte Carlo also scores dose in the air before the skin). Green "
+                     "passes, orange to red fails, gamma drawn to 2.</p><div class='planes'>" + "".join(imgs) + "</div>")
     if timings_s:
         total = sum(timings_s.values())
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td><td>{100 * v / max(total, 1e-12):.1f} %</td></tr>"

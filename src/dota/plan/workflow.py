@@ -145,7 +145,9 @@ def run_dose(
             ref = resample_to_ct(ref, grid, ct)
             gamma = plan_gamma(dose, ref, ct)
         summary["gamma"] = {"criteria": gamma.criteria, "pass_rate_percent": round(gamma.pass_rate_percent, 3),
-                            "voxels": gamma.evaluated}
+                            "voxels": gamma.evaluated,
+                            "pass_rate_in_patient_percent": round(gamma.pass_rate_in_patient_percent, 3),
+                            "voxels_in_patient": gamma.evaluated_in_patient}
     summary["max_dose_gy"] = float(dose.max())
     summary["timings_s"] = timer.as_dict()
     if report_dir is not None:
