@@ -24,6 +24,16 @@ def box():
     return ct_from_array(hu, (3.0, 3.0, 3.0), origin_mm=(-90.0, -80.0, -40.0))  # off-centre on purpose
 
 
+@pytest.fixture(scope="module")
+def corner_box():
+    """A box whose isocentre lies far from the CT's centre (42.5, 98.5, -26.5): a frame conversion that reverses
+    an axis MCsquare does not (or misses one it does) puts the beam mirrored about the centre, 60-70 mm off."""
+    pytest.importorskip("dota.engines.mcsquare").find_mcsquare()
+    hu = np.full((30, 50, 56), -1000.0, np.float32)
+    hu[2:28, 3:47, 3:53] = 0.0
+    return ct_from_array(hu, (3.0, 3.0, 3.0), origin_mm=(-40.0, 25.0, -70.0))
+
+
 def _centroid(ct, dose, level):
     m = dose > level * dose.max()
     xyz, w = ct.index_to_patient(np.argwhere(m)), dose[m]
@@ -47,11 +57,27 @@ def test_mcsquare_plan_matches_the_pipeline(box, gantry, couch, xy):
     assert mc.sum() == pytest.approx(ours.sum(), rel=0.15)
 
 
+@pytest.mark.parametrize("gantry", [0, 90, 180, 270])
+def test_mcsquare_plan_matches_the_pipeline_off_centre(corner_box, gantry):
+    from dota.plan.mcsquare_plan import mcsquare_plan_dose
+
+    iso = (77.5, 68.5, -16.5)  # the CT's centre + (35, -30, 10) mm
+    plan = Plan([Beam("b", gantry, 0.0, iso, [EnergyLayer(90.0, [(5.0, 0.0)], [1.0])])])
+    ours = compute_plan_dose(corner_box, plan, get_engine("analytic"), progress=False).dose_gy
+    mc = mcsquare_plan_dose(corner_box, plan, primaries=10000, seed=3)
+    axes = iec_beam_axes(gantry)
+    lateral = _centroid(corner_box, mc, 0.1) - _centroid(corner_box, ours, 0.1)
+    assert abs(lateral @ axes.x_axis) < 1.5 and abs(lateral @ axes.y_axis) < 1.5
+    assert abs((_centroid(corner_box, mc, 0.5) - _centroid(corner_box, ours, 0.5)) @ axes.direction) < 4.0
+
+
 def test_frame_conversion_round_trip_and_refusals():
     ct = ct_from_array(np.zeros((4, 5, 6)), (2.0, 3.0, 1.5), origin_mm=(10.0, -4.0, 7.0))
     pts = np.array([[10.0, -4.0, 7.0], [12.5, 3.0, 9.0]])
     mc = dicom_to_mcsquare(ct, pts)
-    np.testing.assert_allclose(mc[0], [6 * 1.5 - 0.75, 5 * 3.0 - 1.5, 1.0])  # first voxel centre
+    np.testing.assert_allclose(mc[0], [0.75, 5 * 3.0 - 1.5, 1.0])  # first voxel centre: only y reversed
+    last = ct.index_to_patient(np.array([3, 4, 5]))  # centre of the last voxel (k, j, i)
+    np.testing.assert_allclose(dicom_to_mcsquare(ct, last), [6 * 1.5 - 0.75, 1.5, 4 * 2.0 - 1.0])
     np.testing.assert_allclose(mcsquare_to_dicom(ct, mc), pts)
     rotated = PatientCT(hu=np.zeros((4, 5, 6)), spacing_mm=(2.0, 3.0, 1.5),
                         direction=np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))

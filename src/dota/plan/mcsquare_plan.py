@@ -1,17 +1,21 @@
 """MCsquare's own full-plan simulation on the whole CT, and its PlanPencil plan format.
 
 MCsquare's frame: the CT is written as a MetaImage with the columns (DICOM x) and rows (DICOM y)
-reversed and its corner at the origin, so a DICOM point ``(x, y, z)`` (mm) is
-``(nx*sx - (x - x0 + sx/2), ny*sy - (y - y0 + sy/2), z - z0 + sz/2)`` in MCsquare, with ``(x0, y0, z0)``
-the centre of the first voxel: the DICOM frame turned by 180 degrees about z. This was established by
-simulation (``tests/plan/test_mcsquare_plan.py``): with it, MCsquare's beams at gantry 0, 90 and 270
-enter from the sides IEC 61217 gives for a head-first-supine patient, a couch angle of 90 degrees turns
-them as IEC does, and spot positions ``(X, Y)`` land where :func:`dota.plan.geometry.iec_beam_axes` puts
-them. Only axis-aligned CTs (identity direction) and head-first-supine plans are
-supported, because MCsquare's plan has no patient position. Gantry and couch angles and spot
-positions ``(X, Y)`` are passed unchanged (IEC, as in DICOM). Spot weights are MU; MCsquare samples
-spots by protons (the beam model's ``ProtonsMU``) and writes dose per simulated proton (eV/g), which
-:func:`mcsquare_plan_dose` turns into Gy for the plan's protons, times the number of fractions.
+reversed, and MCsquare reads it with its corner at the origin and its x axis reversed once more
+(``x_simu = -x_ct + Lx`` in MCsquare's ``compute_geometry.c``; the MetaImage ``Offset`` is not used). So
+a DICOM point ``(x, y, z)`` (mm) is ``(x - x0 + sx/2, ny*sy - (y - y0 + sy/2), z - z0 + sz/2)`` in
+MCsquare, with ``(x0, y0, z0)`` the centre of the first voxel: only y is reversed, and MCsquare's
+``(x, y, z)`` are IEC X, Z, Y of a head-first-supine patient (its beam model's "XYZ to XZY"), as
+OpenTPS converts isocentres. This was checked by simulation (``tests/plan/test_mcsquare_plan.py``):
+with it, MCsquare's beams at gantry 0, 90 and 270 enter from the sides IEC 61217 gives for a
+head-first-supine patient, a couch angle of 90 degrees turns them as IEC does, and spot positions
+``(X, Y)`` land where :func:`dota.plan.geometry.iec_beam_axes` puts them, also for an isocentre far from
+the CT's centre (where reversing x as well would mirror the beam about the centre). Only axis-aligned
+CTs (identity direction) and head-first-supine plans are supported, because MCsquare's plan has no
+patient position. Gantry and couch angles and spot positions ``(X, Y)`` are passed unchanged (IEC, as
+in DICOM). Spot weights are MU; MCsquare samples spots by protons (the beam model's ``ProtonsMU``) and
+writes dose per simulated proton (eV/g), which :func:`mcsquare_plan_dose` turns into Gy for the plan's
+protons, times the number of fractions.
 
 The CT calibration is the project's (``hu_calibration="dota"``, see :class:`dota.engines.mcsquare.MCsquareEngine`).
 """
@@ -38,9 +42,8 @@ def dicom_to_mcsquare(ct: PatientCT, xyz: np.ndarray) -> np.ndarray:
     """DICOM patient points (..., 3) mm to MCsquare's CT frame (module docstring)."""
     _check_frame(ct)
     sz, sy, sx = ct.spacing_mm
-    nz, ny, nx = ct.shape
+    ny = ct.shape[1]
     p = np.asarray(xyz, dtype=np.float64) - np.asarray(ct.origin_mm) + 0.5 * np.array([sx, sy, sz])
-    p[..., 0] = nx * sx - p[..., 0]
     p[..., 1] = ny * sy - p[..., 1]
     return p
 
@@ -49,9 +52,8 @@ def mcsquare_to_dicom(ct: PatientCT, p: np.ndarray) -> np.ndarray:
     """Inverse of :func:`dicom_to_mcsquare`."""
     _check_frame(ct)
     sz, sy, sx = ct.spacing_mm
-    nz, ny, nx = ct.shape
+    ny = ct.shape[1]
     q = np.array(p, dtype=np.float64)
-    q[..., 0] = nx * sx - q[..., 0]
     q[..., 1] = ny * sy - q[..., 1]
     return q + np.asarray(ct.origin_mm) - 0.5 * np.array([sx, sy, sz])
 

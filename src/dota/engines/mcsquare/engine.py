@@ -102,7 +102,8 @@ class MCsquareEngine(DoseEngine):
         """Dose (L, H, W) in Gy per 1e9 primaries of one beamlet entering block ``(L, H, W)`` at depth 0."""
         depth_mm, row_mm, col_mm = (float(v) for v in voxel_mm)
         _, height, width = block_hu.shape
-        # MCsquare frame: x = block column, y = depth (gantry 180 sends the beam along +y from y = 0),
+        # MCsquare frame: x = block column (reversed by MCsquare, see dota.plan.mcsquare_plan; no matter
+        # here, the spot is at the centre), y = depth (gantry 180 sends the beam along +y from y = 0),
         # z = block row. The isocentre sits at the centre of the entrance face.
         ct_zyx = np.transpose(block_hu, (1, 0, 2))
         iso = (width * col_mm / 2, 0.0, height * row_mm / 2)
