@@ -154,6 +154,11 @@ def test_encoder_and_decoder_rewrites_equal_the_textbook_layers():
                 e_out, d_out = enc(slices, fmt), dec(tokens, fmt)
                 assert float((e_out - enc_ref).abs().max()) <= 1e-5 * float(enc_ref.abs().max()), (name, fmt)
                 assert float((d_out - dec_ref).abs().max()) <= 1e-5 * float(dec_ref.abs().max()), (name, fmt)
+        # where a gradient is taken (training) the model runs torch's layers: the same values
+        e_grad, d_grad = enc(slices), dec(tokens)
+        assert e_grad.requires_grad and d_grad.requires_grad
+        assert float((e_grad.detach() - enc_ref).abs().max()) <= 1e-5 * float(enc_ref.abs().max()), name
+        assert float((d_grad.detach() - dec_ref).abs().max()) <= 1e-5 * float(dec_ref.abs().max()), name
 
 
 def test_block_pieces_compose_to_the_block():

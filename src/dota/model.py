@@ -203,9 +203,19 @@ def conv_to_one_channel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return out
 
 
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 def _relu(x: torch.Tensor) -> torch.Tensor:
     """ReLU, in place where no gradient is taken (inference reuses the buffer)."""
-    return F.relu(x) if torch.is_grad_enabled() and x.requires_grad else F.relu_(x)
+    return F.relu(x) if _needs_grad(x) else F.relu_(x)
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max pooling: torch's layer where a gradient is taken (its backward is 2x faster than that of
+    the strided maxima), :func:`max_pool_2x2` for inference (10x faster forward here)."""
+    return F.max_pool2d(x, 2) if _needs_grad(x) else max_pool_2x2(x)
 
 
 class SliceEncoder(nn.Module):
@@ -231,7 +241,7 @@ class SliceEncoder(nn.Module):
         for i, (conv, norm) in enumerate(layers):
             x = norm(conv(x))
             if i < 2:
-                x = max_pool_2x2(x).contiguous(memory_format=memory_format)
+                x = _pool(x).contiguous(memory_format=memory_format)
             x = _relu(x)
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
 
@@ -260,6 +270,8 @@ class SliceDecoder(nn.Module):
         for up, norm in ((self.up1, self.norm1), (self.up2, self.norm2)):
             x = up(x)
             x = _relu(x if norm is None else norm(x))
+        if _needs_grad(x):  # training: the library's convolution has the faster backward (3.5x here)
+            return self.out(x)[:, 0]
         x = x.contiguous(memory_format=torch.channels_last)  # the tap product reads it as a matrix
         return conv_to_one_channel(x, self.out.weight, self.out.bias, self.out.padding[0])
 
