@@ -226,14 +226,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     roots = list(args.inputs)
     out = args.out or (roots[0] / "report" if len(roots) == 1 and roots[0].is_dir() else Path("report"))
-    check_output(out, inputs=[*roots, *(args.train or []), *(args.evaluate or []), *(args.bench or [])],
-                 folder=True, writes=("index.html", "img"), overwrite=args.overwrite)
+    check_output(out, inputs=[*roots, *(args.train or []), *(args.evaluate or []), *(args.bench or []),
+                              *(args.plan or [])],
+                 folder=True, writes=("index.html", "img", "plans"), overwrite=args.overwrite)
     words = ["dota report", *map(str, roots)]
-    for flag, values in (("--train", args.train), ("--evaluate", args.evaluate), ("--bench", args.bench)):
+    for flag, values in (("--train", args.train), ("--evaluate", args.evaluate), ("--bench", args.bench),
+                         ("--plan", args.plan)):
         words += [f"{flag} {v}" for v in values or []]
     words += [f"--out {out}", f"--worst-k {args.worst_k}"] + (["--no-analytic"] if args.no_analytic else [])
     index = build_report(roots or None, out, train=args.train, evaluate=args.evaluate, bench=args.bench,
-                         worst_k=args.worst_k, analytic=not args.no_analytic, command=" ".join(words))
+                         plan=args.plan, worst_k=args.worst_k, analytic=not args.no_analytic, command=" ".join(words))
     print(f"report: {index.resolve()}  (open it with 'dota view {out}')")
     return 0
 
@@ -393,16 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, device=False, seed_help="seed of the inputs and of the random weights of a preset (default 0)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("report", help="write the results report (one offline HTML page) from train/evaluate/bench outputs",
+    p = sub.add_parser("report", help="write the results report (one offline HTML page) from train/evaluate/bench "
+                       "outputs and plan pages",
                        description="Build one self-contained HTML report (plus its PNG images) from the folders "
                        "written by dota train, evaluate, bench and demo: dose maps with a depth slider, gamma and "
-                       "error statistics beside the paper's, speed-ups, training curves, versions and commands. "
-                       "Missing inputs are noted in the page.")
+                       "error statistics beside the paper's, speed-ups, training curves, versions and commands; "
+                       "the plan pages of dota dose / dota plan --report side by side per CT and plan, copied "
+                       "into the report and linked. Missing inputs are noted in the page.")
     p.add_argument("inputs", nargs="*", type=Path,
-                   help="demo folder (its train/, evaluate*/, bench/ are found) or run/evaluation/bench folders")
+                   help="demo folder (its train/, evaluate*/, bench/, plan/report/ are found) or run, evaluation, "
+                   "bench or plan page folders")
     p.add_argument("--train", type=Path, action="append", help="training run folder (repeatable)")
     p.add_argument("--evaluate", type=Path, action="append", help="evaluation folder (repeatable)")
     p.add_argument("--bench", type=Path, action="append", help="benchmark folder with bench.json (repeatable)")
+    p.add_argument("--plan", type=Path, action="append",
+                   help="plan page folder of dota dose/plan --report (index.html, run_summary.json; repeatable)")
     p.add_argument("--out", type=Path, help="report folder (default: INPUT/report for one input folder, else ./report)")
     p.add_argument("--worst-k", type=positive_int, default=10, help="rows in the worst-beamlet tables (default 10)")
     p.add_argument("--no-analytic", action="store_true", help="do not add the analytic engine's dose to the profiles")

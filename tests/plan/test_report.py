@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from dota.plan.dvh import compute_dvh
 from dota.plan.geometry import ct_from_array
@@ -28,6 +29,20 @@ def test_gamma_identical_and_shifted():
     assert plan_gamma(dose, 1.01 * dose, ct).pass_rate_percent == 100.0  # 1 % within 2 %
 
 
+def test_gamma_inside_the_patient_leaves_out_the_air():
+    ct, dose = _case()
+    ct.hu[:, :, :20] = -1000.0  # air on one side of the dose
+    g = plan_gamma(dose, np.roll(dose, 2, axis=2), ct)  # 4 mm along x: fails on the slopes of the dose
+    evaluated = np.isfinite(g.gamma)
+    inside = evaluated & (ct.hu > -900)
+    assert 0 < g.evaluated_in_patient == inside.sum() < g.evaluated == evaluated.sum()
+    assert g.pass_rate_in_patient_percent == pytest.approx(100.0 * np.mean(g.gamma[inside] <= 1))
+    assert g.pass_rate_percent == pytest.approx(100.0 * np.mean(g.gamma[evaluated] <= 1))
+    assert g.pass_rate_in_patient_percent != pytest.approx(g.pass_rate_percent)
+    assert np.isnan(plan_gamma(dose, dose, ct_from_array(np.full(ct.shape, -1000.0, np.float32), ct.spacing_mm,
+                                                     origin_mm=ct.origin_mm)).pass_rate_in_patient_percent)
+
+
 def test_report_page_is_self_contained(tmp_path):
     ct, dose = _case()
     s = Structure("core", sphere_mask(ct, (0, 0, 0), 8))
@@ -37,5 +52,6 @@ def test_report_page_is_self_contained(tmp_path):
     text = page.read_text()
     assert text.count("type='range'") == 3 and text.count("data:image/png;base64,") >= 3 + 3 + 1
     assert "pass rate <b>100.00 %</b>" in text and "infer" in text and "core" in text
+    assert "inside the patient <b>100.00 %</b>" in text
     assert "http" not in text.replace("http-equiv", "")
     assert (tmp_path / "r" / "dvh.png").is_file()

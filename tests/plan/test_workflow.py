@@ -14,6 +14,7 @@ from dota.cli import main
 from dota.plan.geometry import read_patient_ct
 from dota.plan.planio import read_plan
 from dota.plan.structures import sphere_mask
+from dota.plan.workflow import read_plan_summary
 
 from .helpers import one_torch_thread
 
@@ -28,7 +29,7 @@ def made_plan(tmp_path_factory, dicom_ct):
             code = main(["plan", "--ct", str(dicom_ct), "--target", TARGET, "--oar", OAR, "--angles", "0,90",
                      "--dose", "2", "--out", str(out / "plan.dcm"), "--out", str(out / "plan.json"),
                      "--dij", str(out / "dij.npz"), "--dose-out", str(out / "plan_dose.mhd"),
-                     "--summary", str(out / "summary.json"), "--no-progress"])
+                     "--report", str(out / "report"), "--summary", str(out / "summary.json"), "--no-progress"])
     assert code == 0
     return out
 
@@ -47,6 +48,14 @@ def test_plan_written_as_rt_ion_plan_reads_back_to_the_same_spots_and_weights(ma
     summary = json.loads((made_plan / "summary.json").read_text())
     assert summary["dij_nnz"] > 0 and summary["optimizer"]["iterations"] > 5
     assert 1.9 < summary["target_dose_gy"]["mean"] < 2.1
+    # the plan page folder holds the same summary, with what dota report reads
+    assert json.loads((made_plan / "report" / "run_summary.json").read_text()) == summary
+    s = read_plan_summary(made_plan / "report" / "run_summary.json")
+    assert s["engine"] == "analytic" and s["plan"] == f"{made_plan / 'plan.dcm'}, {made_plan / 'plan.json'}"
+    assert [b["gantry_deg"] for b in s["beams"]] == [0.0, 90.0] and s["spot_energies"] == dcm.n_spots
+    assert list(s["dvh"]) == ["sphere_12mm", "sphere_6mm"]  # the target first
+    assert s["dvh"]["sphere_12mm"]["mean_gy"] == pytest.approx(summary["target_dose_gy"]["mean"], rel=0.01)
+    assert str(made_plan / "report" / "run_summary.json") in s["written"] and "report" in s["timings_s"]
 
 
 @pytest.mark.slow
@@ -80,6 +89,9 @@ def test_dose_recomputes_the_plan_and_outputs_agree(made_plan, dicom_ct, tmp_pat
     assert 1.9 < d.mean() < 2.1 and np.percentile(d, 5) > 1.75
     summary = json.loads((out / "summary.json").read_text())
     assert summary["gamma"]["pass_rate_percent"] == pytest.approx(100.0)  # same engine, same plan
+    assert summary["gamma"]["pass_rate_in_patient_percent"] == pytest.approx(100.0)
+    assert 0 < summary["gamma"]["voxels_in_patient"] <= summary["gamma"]["voxels"]
+    assert read_plan_summary(out / "report" / "run_summary.json") == summary  # the page's folder says what it shows
     stats = (out / "dvh_stats.csv").read_text().splitlines()
     assert stats[0].startswith("structure,voxels,volume_cc,mean_gy") and len(stats) == 3
     assert (out / "dvh.csv").read_text().startswith("dose_gy,sphere_12mm_volume_percent,sphere_6mm_volume_percent")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from dota.errors import InputError
+from dota.fileio import atomic_write
 from dota.plan.geometry import PatientCT
 
 #: Criteria for plans: global 2 % / 2 mm with a 10 % lower dose cutoff.
@@ -29,6 +30,10 @@ PLAN_GAMMA_DTA_MM = 2.0
 PLAN_GAMMA_CUTOFF_PERCENT = 10.0
 #: Slices per plane offered by the slider (evenly over the region with dose).
 MAX_SLICES = 40
+#: The files of a plan page folder: the page, and the run's summary that the workflows write beside it
+#: (:func:`dota.plan.workflow.read_plan_summary` reads it; ``dota report --plan`` shows it).
+PAGE = "index.html"
+PAGE_SUMMARY = "run_summary.json"
 _CT_WINDOW = (-1000.0, 1500.0)
 _OUTLINE_COLOURS = [(255, 255, 255), (255, 80, 200), (80, 255, 255), (255, 255, 80), (140, 255, 80),
                     (255, 150, 60), (170, 140, 255)]
@@ -36,14 +41,15 @@ _OUTLINE_COLOURS = [(255, 255, 255), (255, 80, 200), (80, 255, 255), (255, 255, 
 
 @dataclass
 class GammaResult:
-    """Gamma of a dose against a reference on the CT grid (NaN where not evaluated)."""
+    """Gamma of a dose against a reference on the CT grid (NaN where not evaluated); the pass rate over all
+    evaluated voxels and over those inside the patient (denser than air, :data:`dota.evaluate.AIR_HU`)."""
 
     gamma: np.ndarray
     pass_rate_percent: float
     evaluated: int
     criteria: str
-    pass_rate_in_patient_percent: float = float("nan")  # voxels denser than air (HU > AIR_HU) only
-    evaluated_in_patient: int = 0
+    pass_rate_in_patient_percent: float
+    evaluated_in_patient: int
 
 
 def plan_gamma(dose_gy: np.ndarray, reference_gy: np.ndarray, ct: PatientCT,
@@ -51,9 +57,11 @@ def plan_gamma(dose_gy: np.ndarray, reference_gy: np.ndarray, ct: PatientCT,
                cutoff_percent: float = PLAN_GAMMA_CUTOFF_PERCENT) -> GammaResult:
     """Global 3D gamma of ``dose_gy`` against ``reference_gy`` (same CT grid) with
     :func:`dota.evaluation.gamma.gamma_index`, computed on the box where the reference exceeds the cutoff
-    (plus the search radius). Also the pass rate inside the patient (HU > :data:`dota.evaluate.AIR_HU`, as
-    for beamlets): Monte Carlo scores dose to water in all the air its protons cross from the CT's edge,
-    the beamlet engines only from a block's entrance near the skin."""
+    (plus the search radius). The pass rate is also given over the voxels inside the patient (HU above
+    :data:`dota.evaluate.AIR_HU`, as for beamlets): MCsquare scores dose to water in all the air its protons
+    cross from the CT's edge, the beamlet engines only from a block's entrance near the skin, and gamma
+    there says nothing about the patient."""
+    from dota.evaluate import AIR_HU
     from dota.evaluation.gamma import gamma_index
 
     if dose_gy.shape != reference_gy.shape:
@@ -71,14 +79,16 @@ def plan_gamma(dose_gy: np.ndarray, reference_gy: np.ndarray, ct: PatientCT,
     g = gamma_index(ref[box], np.asarray(dose_gy, dtype=np.float64)[box], voxel_mm=tuple(ct.spacing_mm),
                     dose_percent=dose_percent, dta_mm=dta_mm, global_norm=norm, lower_cutoff_percent=cutoff_percent)
     out[box] = g
-    from dota.evaluate import AIR_HU
-
     valid = np.isfinite(out)
     inside = valid & (np.asarray(ct.hu) > AIR_HU)
-    rate = float(100.0 * np.mean(out[valid] <= 1.0)) if valid.any() else float("nan")
-    rate_in = float(100.0 * np.mean(out[inside] <= 1.0)) if inside.any() else float("nan")
-    return GammaResult(out, rate, int(valid.sum()), f"{dose_percent:g}%/{dta_mm:g}mm, {cutoff_percent:g}% cutoff",
-                       rate_in, int(inside.sum()))
+    return GammaResult(out, _pass_rate(out[valid]), int(valid.sum()),
+                       f"{dose_percent:g}%/{dta_mm:g}mm, {cutoff_percent:g}% cutoff",
+                       _pass_rate(out[inside]), int(inside.sum()))
+
+
+def _pass_rate(gamma: np.ndarray) -> float:
+    """Percentage of ``gamma`` (evaluated voxels) at most 1; NaN for none."""
+    return float(100.0 * np.mean(gamma <= 1.0)) if gamma.size else float("nan")
 
 
 def _png(rgb: np.ndarray, scale_rc: tuple[float, float]) -> str:
@@ -149,6 +159,8 @@ def write_plan_report(
     """Write ``folder/index.html`` (self-contained) and ``folder/dvh.png``; return the page's path.
 
     ``gamma`` is computed with :func:`plan_gamma` when ``reference_gy`` is given and ``gamma`` is not.
+    ``summary`` is shown as a table; the workflows write their whole summary beside the page afterwards
+    (:data:`PAGE_SUMMARY`, once the time of this stage is known).
     """
     from dota.plan.dvh import plot_dvh
 
@@ -207,10 +219,10 @@ def write_plan_report(
             imgs.append(f"<figure><img src='{_png(rgb, aspect[axis])}' alt='gamma {label}'><figcaption>{label} slice "
                         f"{centre[axis]}</figcaption></figure>")
         parts.append(f"<h2>Gamma against the reference</h2><p>{html.escape(gamma.criteria)}: pass rate "
-                     f"<b>{gamma.pass_rate_percent:.2f} %</b> of {gamma.evaluated} voxels, "
-                     f"<b>{gamma.pass_rate_in_patient_percent:.2f} %</b> of the {gamma.evaluated_in_patient} inside the "
-                     "patient (denser than air; Monte Carlo also scores dose in the air before the skin). Green "
-                     "passes, orange to red fails, gamma drawn to 2.</p><div class='planes'>" + "".join(imgs) + "</div>")
+                     f"<b>{gamma.pass_rate_percent:.2f} %</b> of {gamma.evaluated} voxels, inside the patient "
+                     f"<b>{gamma.pass_rate_in_patient_percent:.2f} %</b> of {gamma.evaluated_in_patient} (green "
+                     "passes, orange to red fails, gamma drawn to 2).</p>"
+                     "<div class='planes'>" + "".join(imgs) + "</div>")
     if timings_s:
         total = sum(timings_s.values())
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td><td>{100 * v / max(total, 1e-12):.1f} %</td></tr>"
@@ -229,8 +241,8 @@ def write_plan_report(
         "s.addEventListener('input',()=>{im.src=p.frames[+s.value];lb.textContent=p.index[+s.value];});}</script>"
         "</body></html>"
     )
-    out = folder / "index.html"
-    out.write_text(page)
+    out = folder / PAGE
+    atomic_write(out, lambda t: Path(t).write_text(page))
     return out
 
 

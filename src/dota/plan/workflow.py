@@ -6,7 +6,9 @@ simulation), write RTDOSE / MHD / NIfTI, DVH tables and plot, a dose-influence m
 (RT Ion Plan, JSON or PlanPencil) and optionally its recomputed dose and page.
 
 Every stage is timed (``timings_s``: read, setup, rotate, infer, deposit, dij, optimize, write, dvh,
-gamma, report).
+gamma, report). With a plan page (``--report DIR``) the run's summary is also written beside it
+(``DIR/run_summary.json``, :data:`dota.plan.report.PAGE_SUMMARY`), so that the folder says what it
+shows; ``dota report --plan DIR`` reads it with :func:`read_plan_summary`.
 """
 
 from __future__ import annotations
@@ -14,16 +16,61 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
 from dota.errors import InputError
+from dota.fileio import atomic_write
 from dota.plan.dose import StageTimer, compute_plan_dose
 from dota.plan.geometry import PatientCT, read_patient_ct
 from dota.plan.model import Plan
+from dota.plan.report import PAGE_SUMMARY
+from dota.report.schema import read_json
 
 ENGINES = ("dota", "analytic", "mcsquare", "mcsquare-plan")
+#: Version of the layout of the summary (:class:`PlanSummary`); raised when a key changes meaning.
+PLAN_SUMMARY_VERSION = 1
+
+
+class PlanGamma(TypedDict):
+    """``gamma`` of a :func:`run_dose` summary (with ``--reference``): :class:`dota.plan.report.GammaResult`."""
+
+    criteria: str
+    pass_rate_percent: float
+    voxels: int
+    pass_rate_in_patient_percent: float  # over the voxels denser than air (dota.evaluate.AIR_HU)
+    voxels_in_patient: int
+
+
+class PlanDvhStats(TypedDict):
+    """One structure's entry of ``dvh`` (:func:`dota.plan.dvh.compute_dvh` statistics, rounded; more keys)."""
+
+    mean_gy: float
+    D95_gy: float
+
+
+class PlanSummary(TypedDict):
+    """The keys of a :func:`run_dose` or :func:`run_plan` summary that ``dota report`` reads; the summaries
+    hold more (counts, statistics, ``written``). ``dvh`` is keyed by structure, in the order given (the
+    target first in :func:`run_plan`)."""
+
+    version: int
+    ct: str
+    plan: str  # run_plan: the plan files written, comma-separated
+    engine: str
+    beams: int | list[dict[str, Any]]  # run_dose: the count; run_plan: one object per beam
+    spot_energies: int
+    timings_s: dict[str, float]  # stage -> seconds, in the order run
+    gamma: NotRequired[PlanGamma]
+    dvh: NotRequired[dict[str, PlanDvhStats]]
+
+
+def read_plan_summary(path: str | os.PathLike) -> PlanSummary:
+    """A run's summary (``--summary``, or ``run_summary.json`` in a plan page folder) read and checked;
+    :class:`~dota.errors.DataFileError` (one line naming the file and the key) when a key is missing or of
+    the wrong type."""
+    return read_json(path, PlanSummary, PLAN_SUMMARY_VERSION)
 
 
 def build_engine(name: str, *, model: str | None = None, device: str = "auto", seed: int = 0,
@@ -94,9 +141,10 @@ def run_dose(
         ct = read_patient_ct(ct_path)
         plan = read_plan(plan_path, ct)
         structs = load_structure_specs(structures, ct)
-    summary: dict[str, Any] = {"ct": str(ct_path), "ct_shape": list(ct.shape), "ct_spacing_mm": list(ct.spacing_mm),
-                               "plan": str(plan_path), "beams": len(plan.beams), "spot_energies": plan.n_spots,
-                               "total_mu": plan.total_mu, "fractions": plan.fractions, "engine": engine}
+    summary: dict[str, Any] = {"version": PLAN_SUMMARY_VERSION, "ct": str(ct_path), "ct_shape": list(ct.shape),
+                               "ct_spacing_mm": list(ct.spacing_mm), "plan": str(plan_path), "beams": len(plan.beams),
+                               "spot_energies": plan.n_spots, "total_mu": plan.total_mu, "fractions": plan.fractions,
+                               "engine": engine}
     if engine == "mcsquare-plan":
         from dota.plan.mcsquare_plan import mcsquare_plan_dose
 
@@ -156,12 +204,22 @@ def run_dose(
         with timer("report"):
             page = write_plan_report(report_dir, ct, dose, structures=structs, dvhs=dvhs, gamma=gamma,
                                      timings_s=timer.as_dict(), prescription_gy=prescription_gy,
-                                     summary={k: v for k, v in summary.items() if not isinstance(v, dict)},
+                                     summary={k: v for k, v in summary.items()
+                                              if not isinstance(v, dict) and k != "version"},
                                      title=f"{Path(plan_path).name} on {ct.name} ({engine})")
         written.append(page)
         summary["timings_s"] = timer.as_dict()
-    summary["written"] = [str(p) for p in written]
+    _finish(summary, written, report_dir)
     return summary
+
+
+def _finish(summary: dict[str, Any], written: list[Path], report_dir: str | os.PathLike | None) -> None:
+    """``summary["written"]``, and the summary in the plan page folder (listed there too)."""
+    if report_dir is not None:
+        written.append(Path(report_dir) / PAGE_SUMMARY)
+    summary["written"] = [str(p) for p in written]
+    if report_dir is not None:
+        write_summary(written[-1], summary)
 
 
 def parse_angles(angles: str, couches: str | None = None) -> list[tuple[float, float]]:
@@ -228,6 +286,8 @@ def run_plan(
                               max_iterations=max_iterations, name=Path(outs[0]).stem[:16] or "dota_plan",
                               progress=progress, timer=timer)
     dij = summary.pop("dij")
+    summary.update({"version": PLAN_SUMMARY_VERSION, "ct": str(ct_path), "plan": ", ".join(map(str, outs)),
+                    "engine": engine})
     with timer("write"):
         written = [write_plan(o, plan, ct) for o in outs]
         if dij_path is not None:
@@ -244,6 +304,7 @@ def run_plan(
                 structs = targets + organ
                 dvhs = [compute_dvh(result.dose_gy, s, ct.voxel_volume_mm3, prescription_gy=prescription_gy)
                         for s in structs]
+                summary["dvh"] = {h.name: {k: round(v, 4) for k, v in h.stats.items()} for h in dvhs}
                 page = write_plan_report(report_dir, ct, result.dose_gy, structures=structs, dvhs=dvhs,
                                          timings_s=timer.as_dict(), prescription_gy=prescription_gy,
                                          summary={"plan": ", ".join(map(str, outs)), "spot-energies": plan.n_spots,
@@ -252,11 +313,13 @@ def run_plan(
                                          title=f"plan {Path(outs[0]).name} on {ct.name}")
             written.append(page)
     summary["timings_s"] = timer.as_dict()
-    summary["written"] = [str(p) for p in written]
+    _finish(summary, written, report_dir)
     return summary
 
 
 def write_summary(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
+    """``summary`` as JSON (atomically: a reader never sees half of it)."""
     path = Path(path)
-    path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    text = json.dumps(summary, indent=1, default=str) + "\n"
+    atomic_write(path, lambda t: Path(t).write_text(text))
     return path

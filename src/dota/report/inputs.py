@@ -1,9 +1,11 @@
-"""Find and read what ``dota train``, ``dota evaluate`` and ``dota bench`` wrote.
+"""Find and read what ``dota train``, ``dota evaluate``, ``dota bench`` and the plan pages of ``dota dose`` /
+``dota plan`` (``--report DIR``) wrote.
 
 Files are read only through their writers' readers (:func:`dota.train.read_summary`,
-:func:`dota.train.read_history`, :func:`dota.evaluate.read_metrics`, :func:`dota.bench.read_bench`), which
-check them against the writers' schemas. A missing or bad file becomes a note for the page (the reader's
-one line), never an exception, because a report of what exists is more useful than none.
+:func:`dota.train.read_history`, :func:`dota.evaluate.read_metrics`, :func:`dota.bench.read_bench`,
+:func:`dota.plan.workflow.read_plan_summary`), which check them against the writers' schemas. A missing
+or bad file becomes a note for the page (the reader's one line), never an exception, because a report of
+what exists is more useful than none.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dota.errors import DataFileError
+from dota.plan.report import PAGE, PAGE_SUMMARY
 
 if TYPE_CHECKING:  # the writers import torch: they are loaded when a file is read
     from dota.bench import BenchFile, Scenario
     from dota.evaluate import BeamletResult, MetricsFile
+    from dota.plan.workflow import PlanSummary
     from dota.train import EpochRecord, TrainSummary
 
 log = logging.getLogger(__name__)
@@ -26,6 +30,10 @@ log = logging.getLogger(__name__)
 TRAIN_MARKERS = ("history.json", "summary.json")
 EVALUATE_MARKER = "metrics.json"
 BENCH_MARKER = "bench.json"
+PLAN_MARKERS = (PAGE, PAGE_SUMMARY)
+#: How far below an input folder that is none of the kinds its runs are searched for (``dota demo``:
+#: ``train/``, ``evaluate-*/``, ``bench/`` one level down, the plan page ``plan/report/`` two).
+SEARCH_DEPTH = 2
 
 
 @dataclass
@@ -84,12 +92,34 @@ class Benchmark:
 
 
 @dataclass
+class PlanRun:
+    """A plan page folder (``dota dose`` / ``dota plan --report DIR``): ``index.html`` and the run's summary."""
+
+    path: Path
+    summary: PlanSummary
+
+    @property
+    def engine(self) -> str:
+        return self.summary["engine"]
+
+    @property
+    def plan_names(self) -> str:
+        """The plan file's name (``dota plan``: the names of the files it wrote)."""
+        return ", ".join(Path(p).name for p in self.summary["plan"].split(", "))
+
+    @property
+    def label(self) -> str:
+        return f"{self.plan_names} on {Path(self.summary['ct']).name} ({self.engine})"
+
+
+@dataclass
 class ReportInputs:
     """Everything the report shows, plus notes about what was missing or unreadable."""
 
     train: list[TrainRun] = field(default_factory=list)
     evaluations: list[Evaluation] = field(default_factory=list)
     benchmarks: list[Benchmark] = field(default_factory=list)
+    plans: list[PlanRun] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def note(self, text: str) -> None:
@@ -122,7 +152,18 @@ def _classify(folder: Path) -> list[str]:
         kinds.append("evaluate")
     if (folder / BENCH_MARKER).is_file():
         kinds.append("bench")
+    if all((folder / m).is_file() for m in PLAN_MARKERS):
+        kinds.append("plan")
     return kinds
+
+
+def _search(folder: Path, depth: int) -> list[tuple[str, Path]]:
+    """(kind, folder) for ``folder`` if it is of any kind, else for its sub-folders, ``depth`` levels down."""
+    kinds = _classify(folder)
+    if kinds or depth == 0:
+        return [(k, folder) for k in kinds]
+    subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [hit for s in subs for hit in _search(s, depth - 1)]
 
 
 def _as_paths(items: str | Path | Iterable[str | Path] | None) -> list[Path]:
@@ -139,36 +180,32 @@ def discover_inputs(
     train: str | Path | Sequence[str | Path] | None = None,
     evaluate: str | Path | Sequence[str | Path] | None = None,
     bench: str | Path | Sequence[str | Path] | None = None,
+    plan: str | Path | Sequence[str | Path] | None = None,
 ) -> ReportInputs:
     """Collect report inputs.
 
     Each of ``roots`` is classified by the files it holds (``history.json``/``summary.json``: a
-    training run; ``metrics.json``: an evaluation; ``bench.json``: a benchmark); a root that is none
-    of these is searched one level down (the layout of ``dota demo``: ``train/``, ``evaluate/``,
-    ``evaluate_analytic/``, ``bench/``). ``train``, ``evaluate`` and ``bench`` name folders (or the
-    JSON files in them) explicitly. Missing folders become notes.
+    training run; ``metrics.json``: an evaluation; ``bench.json``: a benchmark; ``index.html`` with
+    ``run_summary.json``: a plan page); a root that is none of these is searched down to
+    :data:`SEARCH_DEPTH` levels (the layout of ``dota demo``: ``train/``, ``evaluate-dota/``,
+    ``evaluate-analytic/``, ``bench/``, ``plan/report/``). ``train``, ``evaluate``, ``bench`` and ``plan``
+    name folders (or the JSON or HTML files in them) explicitly. Missing folders become notes.
     """
-    found: dict[str, list[Path]] = {"train": [], "evaluate": [], "bench": []}
+    found: dict[str, list[Path]] = {"train": [], "evaluate": [], "bench": [], "plan": []}
     inputs = ReportInputs()
     for root in _as_paths(roots):
         root = root.parent if root.is_file() else root
         if not root.is_dir():
             inputs.note(f"input folder {root} does not exist; skipped")
             continue
-        kinds = _classify(root)
-        if kinds:
-            for k in kinds:
-                found[k].append(root)
-            continue
-        subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        hits = [(k, s) for s in subs for k in _classify(s)]
+        hits = _search(root, SEARCH_DEPTH)
         if not hits:
-            inputs.note(f"{root} holds no training run, evaluation or benchmark (nor do its sub-folders)")
+            inputs.note(f"{root} holds no training run, evaluation, benchmark or plan page (nor do its sub-folders)")
         for k, s in hits:
             found[k].append(s)
-    for kind, items in (("train", train), ("evaluate", evaluate), ("bench", bench)):
+    for kind, items in (("train", train), ("evaluate", evaluate), ("bench", bench), ("plan", plan)):
         for p in _as_paths(items):
-            p = p.parent if p.suffix == ".json" else p
+            p = p.parent if p.suffix in (".json", ".html") else p
             if not p.is_dir():
                 inputs.note(f"--{kind} folder {p} does not exist; skipped")
             elif p not in found[kind]:
@@ -186,6 +223,10 @@ def discover_inputs(
         b = load_benchmark(p, inputs)
         if b is not None:
             inputs.benchmarks.append(b)
+    for p in _dedupe(found["plan"]):
+        run = load_plan_run(p, inputs)
+        if run is not None:
+            inputs.plans.append(run)
     return inputs
 
 
@@ -240,6 +281,16 @@ def load_benchmark(path: Path, inputs: ReportInputs) -> Benchmark | None:
 
     data = read_or_note(read_bench, path / BENCH_MARKER, inputs, f"benchmark {path}")
     return None if data is None else Benchmark(path, data)
+
+
+def load_plan_run(path: Path, inputs: ReportInputs) -> PlanRun | None:
+    from dota.plan.workflow import read_plan_summary
+
+    if not (path / PAGE).is_file():
+        inputs.note(f"plan page folder {path} has no {PAGE}; skipped")
+        return None
+    summary = read_or_note(read_plan_summary, path / PAGE_SUMMARY, inputs, f"plan page folder {path}")
+    return None if summary is None else PlanRun(path, summary)
 
 
 def resolve_reference(reference: str, eval_dir: Path) -> Path | None:

@@ -6,6 +6,7 @@ import html
 import logging
 import math
 import platform
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from dota.report.inputs import Benchmark, Evaluation, TrainRun
+from dota.fileio import atomic_write
+from dota.plan.report import PAGE_SUMMARY
+from dota.report.inputs import Benchmark, Evaluation, PlanRun, TrainRun
 
 log = logging.getLogger(__name__)
 
 IMG_DIR = "img"
+PLANS_DIR = "plans"
 INDEX = "index.html"
 PAPER_CRITERION = "1%/3mm"
 
@@ -91,11 +95,12 @@ class Provenance:
 
 @dataclass
 class Page:
-    """Collects figures and notes while the sections are built."""
+    """Collects figures, copied files and notes while the sections are built."""
 
     out_dir: Path
     notes: list[str] = field(default_factory=list)
     images: list[Path] = field(default_factory=list)
+    copies: list[Path] = field(default_factory=list)
 
     def figure(self, path: Path, caption: str, prov: Provenance, alt: str = "") -> str:
         self.images.append(path)
@@ -111,6 +116,18 @@ class Page:
 
     def img(self, name: str) -> Path:
         return self.out_dir / IMG_DIR / name
+
+    def copy(self, source: Path, rel: str) -> Path:
+        """``source`` copied (atomically) to ``rel`` inside the report folder; returns the copy's path."""
+        path = self.out_dir / rel
+        atomic_write(path, lambda t: shutil.copyfile(source, t))
+        self.copies.append(path)
+        return path
+
+    def link(self, path: Path, text: str = "") -> Raw:
+        """A link to a file inside the report folder, relative, so that the folder can move."""
+        rel = path.relative_to(self.out_dir).as_posix()
+        return Raw(f'<a href="{esc(rel)}">{esc(text or rel)}</a>')
 
 
 # -- provenance --------------------------------------------------------------------------------------
@@ -174,6 +191,22 @@ def train_command(run: TrainRun) -> str:
 def train_provenance(run: TrainRun, source: str) -> Provenance:
     created = run.checkpoint.get("created_by", "")
     return Provenance(str(run.path / source), train_command(run), f"checkpoint written by {created}" if created else "")
+
+
+def plan_command(run: PlanRun) -> str:
+    """The command that wrote a plan page, rebuilt from its summary (which records the CT, plan and engine,
+    not the command line)."""
+    s = run.summary
+    if isinstance(s["beams"], list):  # dota plan records each beam, dota dose their number
+        outs = " ".join(f"--out {p}" for p in s["plan"].split(", "))
+        return (f"dota plan --ct {s['ct']} {outs} --engine {s['engine']} --report {run.path}  (rebuilt from "
+                f"{PAGE_SUMMARY}; the target and other options are not recorded)")
+    return (f"dota dose --ct {s['ct']} --plan {s['plan']} --engine {s['engine']} --report {run.path}  (rebuilt from "
+            f"{PAGE_SUMMARY}; other options are not recorded)")
+
+
+def plan_provenance(run: PlanRun) -> Provenance:
+    return Provenance(str(run.path / PAGE_SUMMARY), plan_command(run))
 
 
 def bench_provenance(b: Benchmark) -> Provenance:
