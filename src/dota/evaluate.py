@@ -407,7 +407,8 @@ def predict_file(
                     chunk = f.load(slice(s, min(n, s + batch_size)))
                     dose = checked_dose(eng.dose(chunk.geometry, chunk.energy, f.voxel_mm), chunk.geometry.shape,
                                         eng, s)
-                    w.append(chunk.geometry, dose, chunk.energy, meta=chunk.meta)
+                    stored = np.asarray(f.geometry[s : s + len(chunk)])  # as stored (int16 HU stays int16)
+                    w.append(stored, dose, chunk.energy, meta=chunk.meta)
                     bar.update(len(chunk))
             bar.close()
 
