@@ -613,13 +613,17 @@ def test_view_checks_the_host_header_and_lists_no_folders(tmp_path):
 def test_seed_and_device_are_where_the_readme_says_and_seed_is_used(two_h5, tmp_path):
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
     options = {name: {o for a in p._actions for o in a.option_strings} for name, p in sub.items()}
-    for name in ("train", "evaluate", "predict", "demo", "generate", "bench"):
+    seeded = ("train", "evaluate", "predict", "demo", "generate", "bench", "plan", "dose")
+    for name in seeded:
         assert "--seed" in options[name], name
-    for name in ("train", "evaluate", "predict", "demo"):
+    with_device = ("train", "evaluate", "predict", "demo", "plan", "dose")
+    for name in with_device:
         assert "--device" in options[name], name
+    assert {n for n, o in options.items() if "--seed" in o} == set(seeded)
+    assert {n for n, o in options.items() if "--device" in o} == set(with_device)
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
-    assert "`--seed` (train, evaluate, predict, demo, generate, bench;" in readme
-    assert "`--device` (train, evaluate, predict, demo)" in readme
+    assert f"`--seed` ({', '.join(seeded)};" in readme
+    assert f"`--device` ({', '.join(with_device)})" in readme
     doses = []
     for seed in ("1", "1", "2"):
         out = tmp_path / f"p{len(doses)}.h5"
