@@ -16,7 +16,6 @@ from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
-from dota.fileio import atomic_write, check_output
 from dota.constants import (
     PAPER_GAMMA_PASS_DOTA,
     PAPER_GAMMA_PASS_PENCIL_BEAM,
@@ -24,11 +23,12 @@ from dota.constants import (
     PAPER_REL_ERROR_PENCIL_BEAM,
 )
 from dota.data.hdf5 import BeamletFile, DatasetWriter, write_dataset
+from dota.data.splits import patient_of, site_of
 from dota.engines.base import DoseEngine, get_engine
 from dota.errors import DataFileError, InputError
 from dota.evaluation.gamma import GammaCriteria, paper_gamma
-from dota.data.splits import patient_of, site_of
 from dota.evaluation.metrics import range_error_mm, relative_error_percent, summarize
+from dota.fileio import atomic_write, check_output
 from dota.report.schema import read_json
 
 

@@ -129,7 +129,7 @@ def energy_tokens(
     k_len = state.length
     first, pb = model.blocks[0], blocks[0]
     x0 = model.energy_embedding(energy)[:, 0] + model.positions[0]  # (E, d)
-    q0, k0, v0 = pb.qkv(first.ln1(x0))  # (E, heads, head_dim)
+    _, k0, v0 = pb.qkv(first.ln1(x0))  # (E, heads, head_dim)
     # energy column of the slice queries' attention, and the slice part's weight a = sigmoid(lse - s0)
     with torch.autocast(device_type=x0.device.type, enabled=False):
         s0 = torch.bmm(state.q.double(), k0.double().permute(1, 2, 0)).mul_(pb.scale)  # (heads, K, E)
