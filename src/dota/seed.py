@@ -53,21 +53,11 @@ class SeedModel:
         return self.model.num_parameters()
 
 
-def dota_energies(
-    num_tokens: int,
-    input_shape: Any,
-    projection_dim: Any,
-    num_heads: int,
-    num_transformers: int,
-    kernel_size: int,
-    dropout_rate: float = 0.2,
-    causal: bool = True,
-) -> SeedModel:
-    """The original constructor with the original's arguments and semantics
-    (:func:`dota.model.original_config`): a fresh, untrained model."""
-    cfg = original_config(num_tokens, input_shape, projection_dim, num_heads, num_transformers, kernel_size,
-                          dropout_rate=dropout_rate, causal=causal)
-    return SeedModel(DoTA(cfg))
+def dota_energies(*args: Any, **kwargs: Any) -> SeedModel:
+    """The original constructor, ``dota_energies(num_tokens, input_shape, projection_dim, num_heads,
+    num_transformers, kernel_size, dropout_rate=0.2, causal=True)``, with the original's arguments and
+    semantics (described and checked by :func:`dota.model.original_config`): a fresh, untrained model."""
+    return SeedModel(DoTA(original_config(*args, **kwargs)))
 
 
 __all__ = ["SeedModel", "dota_energies"]
