@@ -4,8 +4,8 @@
 #   bash scripts/default_model.sh            # every step; each one resumes where it stopped
 #   DATA=/big/disk bash scripts/default_model.sh
 #
-# Hours of CPU on 2 cores (measured: MC training set about 25 min, each 1e6 set 15-35 min, 12 training
-# epochs 0.76 h of the 20 planned); every step is checkpointed, so an interrupted run continues when started again.
+# Hours of CPU on 2 cores (measured: MC training set 25-35 min, each 1e6 set 15-35 min, the 20 training
+# epochs 1.2 h); every step is checkpointed, so an interrupted run continues when started again.
 # Patients never cross splits (dota.data.splits.PATIENT_SPLIT). Data go to $DATA (default data/mc,
 # about 1.5 GB); runs to runs/default*.
 set -euo pipefail
