@@ -17,6 +17,11 @@ ENGINE_ENERGY_RANGE_MEV: tuple[float, float] = (70.0, 225.0)
 
 #: HU of air; fills everything outside a CT and the lateral padding of blocks.
 HU_AIR: float = -1000.0
+#: Voxels at or below this HU are air (outside the patient, or in airways): the "in patient" gamma pass
+#: rates of beamlets (``dota evaluate``) and of plans (``dota dose --reference``) leave them out. Dose to
+#: water in air behind or before a patient is real in Monte Carlo and in the engines, but no treatment
+#: plan evaluates it; it is where most gamma failures of every engine are.
+AIR_HU: float = -900.0
 #: HU range kept when scaling geometry for the network (values beyond are clipped).
 HU_CLIP: tuple[float, float] = (-1000.0, 3000.0)
 

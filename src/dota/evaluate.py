@@ -17,6 +17,7 @@ from typing import Any, NotRequired, TypedDict
 import numpy as np
 
 from dota.constants import (
+    AIR_HU,
     PAPER_GAMMA_PASS_DOTA,
     PAPER_GAMMA_PASS_PENCIL_BEAM,
     PAPER_REL_ERROR_DOTA,
@@ -301,12 +302,6 @@ class MetricsFile(TypedDict):
     provenance: EvaluateProvenance
 
 
-#: Voxels at or below this HU are air (outside the patient, or in airways): the "in patient" pass rate
-#: leaves them out. Dose to water in air voxels behind a patient is real in Monte Carlo and in the
-#: engines, but no treatment plan evaluates it; it is where most gamma failures of every engine are.
-AIR_HU: float = -900.0
-
-
 def _pass_rate_within(gamma: np.ndarray, region: np.ndarray) -> float:
     """Pass rate (paper definition: 1 - N(gamma > 1) / N(gamma > 0)) over the voxels of ``region``."""
     with np.errstate(invalid="ignore"):
@@ -407,8 +402,9 @@ def predict_file(
                     chunk = f.load(slice(s, min(n, s + batch_size)))
                     dose = checked_dose(eng.dose(chunk.geometry, chunk.energy, f.voxel_mm), chunk.geometry.shape,
                                         eng, s)
-                    stored = np.asarray(f.geometry[s : s + len(chunk)])  # as stored (int16 HU stays int16)
-                    w.append(stored, dose, chunk.energy, meta=chunk.meta)
+                    # in the input's dtype (int16 HU read as float32 converts back exactly)
+                    w.append(chunk.geometry.astype(f.geometry.dtype, copy=False), dose, chunk.energy,
+                             meta=chunk.meta)
                     bar.update(len(chunk))
             bar.close()
 

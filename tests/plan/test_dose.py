@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dota.engines import get_engine
+from dota.engines import DoseEngine, get_engine
 from dota.errors import InputError
 from dota.plan.dij import load_dij
 from dota.plan.dose import compute_plan_dose
@@ -90,7 +90,7 @@ def read_ct_phantom():
     return ct_from_array(phantom_hu(), (2.5, 3.0, 3.0), origin_mm=(-58.5, -58.5, -28.75))
 
 
-class SpyEngine:
+class SpyEngine(DoseEngine):
     """Records every call; returns the analytic dose."""
 
     name = "spy"

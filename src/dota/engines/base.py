@@ -54,6 +54,7 @@ class DoseEngine(abc.ABC):
     name: str = "base"
     version: str = "0"
     primaries: int = 0
+    seed: int = 0  # master seed of an engine that samples: beamlet i gets beamlet_seed(seed, i) unless seeded
     hu_calibration: str = ""
     energy_range_mev: tuple[float, float] = (70.0, 225.0)
 

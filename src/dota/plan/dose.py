@@ -221,8 +221,7 @@ def _run_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: lis
     idx = np.concatenate([groups[gi] for gi in chunk])
     # each spot-energy its own seed, from its index in the plan (not in this call): chunks and beams never
     # reuse a Monte Carlo engine's random streams; deterministic engines ignore seeds
-    master = int(getattr(engine, "seed", 0))
-    seeds = [beamlet_seed(master, column0 + int(i)) for i in idx]
+    seeds = [beamlet_seed(engine.seed, column0 + int(i)) for i in idx]
     with timer("infer"):
         dose = engine.dose(geometry, energies[idx].astype(np.float32), voxel_mm, seeds=seeds)
     stats["engine_calls"] += 1

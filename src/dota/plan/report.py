@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from dota.constants import AIR_HU
 from dota.errors import InputError
 from dota.fileio import atomic_write
 from dota.plan.geometry import PatientCT
@@ -42,7 +43,7 @@ _OUTLINE_COLOURS = [(255, 255, 255), (255, 80, 200), (80, 255, 255), (255, 255, 
 @dataclass
 class GammaResult:
     """Gamma of a dose against a reference on the CT grid (NaN where not evaluated); the pass rate over all
-    evaluated voxels and over those inside the patient (denser than air, :data:`dota.evaluate.AIR_HU`)."""
+    evaluated voxels and over those inside the patient (denser than air, :data:`dota.constants.AIR_HU`)."""
 
     gamma: np.ndarray
     pass_rate_percent: float
@@ -58,10 +59,9 @@ def plan_gamma(dose_gy: np.ndarray, reference_gy: np.ndarray, ct: PatientCT,
     """Global 3D gamma of ``dose_gy`` against ``reference_gy`` (same CT grid) with
     :func:`dota.evaluation.gamma.gamma_index`, computed on the box where the reference exceeds the cutoff
     (plus the search radius). The pass rate is also given over the voxels inside the patient (HU above
-    :data:`dota.evaluate.AIR_HU`, as for beamlets): MCsquare scores dose to water in all the air its protons
+    :data:`dota.constants.AIR_HU`, as for beamlets): MCsquare scores dose to water in all the air its protons
     cross from the CT's edge, the beamlet engines only from a block's entrance near the skin, and gamma
     there says nothing about the patient."""
-    from dota.evaluate import AIR_HU
     from dota.evaluation.gamma import gamma_index
 
     if dose_gy.shape != reference_gy.shape:

@@ -39,7 +39,7 @@ class PlanGamma(TypedDict):
     criteria: str
     pass_rate_percent: float
     voxels: int
-    pass_rate_in_patient_percent: float  # over the voxels denser than air (dota.evaluate.AIR_HU)
+    pass_rate_in_patient_percent: float  # over the voxels denser than air (dota.constants.AIR_HU)
     voxels_in_patient: int
 
 
