@@ -170,3 +170,28 @@ def test_batch_equals_single():
     batch = ENGINE.dose(g, e)
     for i in range(3):
         np.testing.assert_array_equal(batch[i], ENGINE.dose(g[i], e[i])[0])
+
+
+def test_lateral_profiles_match_float64_voxel_integrals_in_both_tails():
+    """Each voxel's Gaussian integral (one erfc per edge, three cases by side) against float64 scipy."""
+    from scipy.special import ndtr
+
+    from dota.engines.analytic import _lateral_profiles
+
+    rng = np.random.default_rng(3)
+    count, spacing = 24, 2.0
+    centre = (np.arange(-3, 27) - 11.5) * spacing + rng.uniform(-1.0, 1.0, 30)  # some off-lattice, some outside
+    centre[:5] = (np.arange(5) - 2.0) * spacing  # centres exactly on voxel edges
+    sigma = rng.uniform(0.5, 9.0, size=(7, centre.size))
+    got = _lateral_profiles(centre, sigma, count, spacing).double().numpy()
+    edges = (np.arange(count + 1) - count / 2.0) * spacing
+    z = (edges[None, None, :] - centre[None, :, None]) / sigma[:, :, None]
+    lo, hi = z[..., :-1], z[..., 1:]
+    # float64, on the small side: ndtr(hi) - ndtr(lo) = ndtr(-lo) - ndtr(-hi)
+    want = np.where(lo + hi > 0, ndtr(-lo) - ndtr(-hi), ndtr(hi) - ndtr(lo)) / spacing
+    assert got.shape == want.shape
+    peak = want.max()
+    assert np.abs(got - want).max() <= 1e-6 * peak
+    tails = want > 1e-30
+    assert np.max(np.abs(got - want)[tails] / want[tails]) < 1e-4  # relative precision down to 1e-30
+    np.testing.assert_allclose(got.sum(axis=2) * spacing, ndtr(-lo[..., 0]) - ndtr(-hi[..., -1]), atol=1e-6)

@@ -129,6 +129,10 @@ def test_planpencil_round_trip(tmp_path, dicom_ct):
     path = write_plan(tmp_path / "plan.txt", plan, ct)
     text = path.read_text()
     assert "#TREATMENT-PLAN-DESCRIPTION" in text and text.count("#FIELD-DESCRIPTION") == 2
+    # MCsquare reads a "###FieldsID" tag before each field's ID ("FieldsID list is interrupted" otherwise)
+    lines = text.splitlines()
+    tags = [i for i, ln in enumerate(lines) if ln == "###FieldsID"]
+    assert [lines[i + 1] for i in tags] == ["1", "2"]
     back = read_plan(path, ct)
     _same_plan(plan, back, rtol=1e-6)
     with pytest.raises(InputError, match="give the CT too"):

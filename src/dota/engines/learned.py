@@ -18,12 +18,16 @@ class LearnedEngine(DoseEngine):
     Runs through an inference engine (``runner``: exact caching and truncation), on ``device``: ``"cpu"``,
     ``"cuda"`` or ``"auto"`` (CUDA when available; :func:`dota.runtime.resolve_device`). A loaded model
     stays where it is.
+
+    ``needs_halo`` (plans add the dose outside each block, :mod:`dota.plan.halo`) is true for the shipped
+    model (trained on MCsquare blocks, as its card records), false for other models unless ``halo=True``.
     """
 
     name = "dota"
     primaries = 0
 
-    def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 16, seed: int = 0) -> None:
+    def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 16, seed: int = 0,
+                 halo: bool | None = None) -> None:
         from dota import __version__
         from dota.checkpoint import DEFAULT_MODEL, load_model
         from dota.inference import InferenceEngine
@@ -43,6 +47,7 @@ class LearnedEngine(DoseEngine):
         self.hu_calibration = "learned (trained on the reference engine's calibration)"
         self.energy_range_mev = tuple(self.model.normalization.energy_range_mev)
         self.source = str(model)
+        self.needs_halo = _trained_on_mcsquare(model) if halo is None else bool(halo)
 
     def dose(self, geometry_hu: np.ndarray, energies_mev: np.ndarray, voxel_mm=VOXEL_MM, *,
              seeds: Sequence[int] | None = None) -> np.ndarray:
@@ -51,3 +56,20 @@ class LearnedEngine(DoseEngine):
         if tuple(float(v) for v in voxel_mm) != expected:
             raise InputError(f"voxel size {tuple(voxel_mm)} mm differs from the model's {expected} mm")
         return self.runner.predict(geometry_hu, energies_mev, batch_size=self.batch_size)
+
+
+def _trained_on_mcsquare(model: object) -> bool:
+    """Whether ``model`` is the shipped default model and its card lists MCsquare training data. Other
+    checkpoints do not record their data's engine: pass ``halo=True`` for a model trained on MCsquare."""
+    import json
+    from importlib import resources
+
+    from dota.checkpoint import DEFAULT_MODEL
+
+    if model != DEFAULT_MODEL:
+        return False
+    try:
+        card = json.loads(resources.files("dota").joinpath("resources", "models", "default.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(isinstance(d, dict) and (d.get("attrs") or {}).get("engine") == "mcsquare" for d in card.get("data") or [])

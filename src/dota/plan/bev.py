@@ -81,8 +81,10 @@ def make_beam_grid(
     positions_mm: np.ndarray,
     block_shape: tuple[int, int, int] = BLOCK_SHAPE,
     voxel_mm: tuple[float, float, float] = VOXEL_MM,
+    pad: int = 0,
 ) -> BeamGrid:
-    """The grid of a beam whose spots sit at IEC ``positions_mm`` (n, 2) ``(X, Y)``; see the module docstring."""
+    """The grid of a beam whose spots sit at IEC ``positions_mm`` (n, 2) ``(X, Y)``; see the module docstring.
+    ``pad`` extra voxels on each lateral side hold dose spots put beyond their blocks (:mod:`dota.plan.halo`)."""
     pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 2)
     if pos.size == 0:
         raise InputError("a beam needs at least one spot to build its grid")
@@ -93,10 +95,11 @@ def make_beam_grid(
     # Lateral lattice: block row 0 of a spot at Y sits at grid row Y/dr - (H-1)/2 - a, a = offset of the grid.
     q_r = pos[:, 1] / dr - (height - 1) / 2.0
     q_c = pos[:, 0] / dc - (width - 1) / 2.0
-    a_r = _lattice_phase(q_r) + np.floor(q_r.min() - _lattice_phase(q_r)) - 1.0
-    a_c = _lattice_phase(q_c) + np.floor(q_c.min() - _lattice_phase(q_c)) - 1.0
-    n_r = int(np.ceil(q_r.max() - a_r + 0.5)) + height + 2
-    n_c = int(np.ceil(q_c.max() - a_c + 0.5)) + width + 2
+    pad = int(pad)
+    a_r = _lattice_phase(q_r) + np.floor(q_r.min() - _lattice_phase(q_r)) - 1.0 - pad
+    a_c = _lattice_phase(q_c) + np.floor(q_c.min() - _lattice_phase(q_c)) - 1.0 - pad
+    n_r = int(np.ceil(q_r.max() - a_r + 0.5)) + height + 2 + pad
+    n_c = int(np.ceil(q_c.max() - a_c + 0.5)) + width + 2 + pad
     # Depth: the CT's whole extent along the beam.
     s = (ct.corners_mm() - iso) @ axes.direction
     s_lo = float(s.min()) - dd
@@ -210,6 +213,17 @@ def deposit_window(dose_grid: np.ndarray, window: SpotWindow, block_dose: np.nda
     p0, r0, c0 = window.p0, window.r0 + r_off, window.c0 + c_off
     depth = min(patch.shape[0], dose_grid.shape[0] - p0)
     dose_grid[p0:p0 + depth, r0:r0 + patch.shape[1], c0:c0 + patch.shape[2]] += patch[:depth]
+
+
+def deposit_patch(dose_grid: np.ndarray, p0: int, r0: int, c0: int, patch: np.ndarray) -> None:
+    """Add ``patch`` (L, R, C) into the beam grid with its first element at ``(p0, r0, c0)`` (clipped to the grid)."""
+    depth = min(patch.shape[0], dose_grid.shape[0] - p0)
+    r_lo, c_lo = max(0, -r0), max(0, -c0)
+    r_hi = min(patch.shape[1], dose_grid.shape[1] - r0)
+    c_hi = min(patch.shape[2], dose_grid.shape[2] - c0)
+    if depth <= 0 or r_hi <= r_lo or c_hi <= c_lo:
+        return
+    dose_grid[p0:p0 + depth, r0 + r_lo:r0 + r_hi, c0 + c_lo:c0 + c_hi] += patch[:depth, r_lo:r_hi, c_lo:c_hi]
 
 
 def supersample_offsets(ct: PatientCT, voxel_mm: tuple[float, float, float] = VOXEL_MM,

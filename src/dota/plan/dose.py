@@ -10,7 +10,9 @@ Memory stays bounded for plans of any size: spots go through the engine in chunk
 geometry between them), their dose is accumulated into the beam's grid at once, and the
 dose-influence matrix is built from per-chunk sparse pieces. Stages are timed (``PlanDose.timings_s``):
 ``read`` (done by the caller), ``rotate`` (CT onto the beam grids), ``infer`` (engine calls), ``deposit``
-(accumulation in the beam grids and the trilinear carry back to the CT), ``dij`` (sparse matrix).
+(accumulation in the beam grids and the trilinear carry back to the CT), ``halo`` (the dose spots put
+outside their blocks, :mod:`dota.plan.halo`, for engines whose blocks hold only in-block Monte Carlo
+dose), ``dij`` (sparse matrix; it holds the in-block dose only).
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ def compute_plan_dose(
     block_shape: tuple[int, int, int] = BLOCK_SHAPE,
     voxel_mm: tuple[float, float, float] = VOXEL_MM,
     timer: StageTimer | None = None,
+    halo: bool | None = None,
 ) -> PlanDose:
     """Dose of ``plan`` on ``ct``'s grid with a beamlet ``engine`` (see the module docstring).
 
@@ -118,6 +121,9 @@ def compute_plan_dose(
         Sub-points per axis when carrying dose into CT voxels (default ``ceil(spacing / 2 mm)``).
     keep_beam_doses
         Also return each beam's dose (``PlanDose.beam_dose_gy``).
+    halo
+        Add the dose each spot puts outside its block (:mod:`dota.plan.halo`); default: when the engine's
+        blocks hold only in-block Monte Carlo dose (``engine.needs_halo``: the shipped DoTA model, MCsquare).
     """
     from dota.plan.dij import DijBuilder
 
@@ -132,7 +138,9 @@ def compute_plan_dose(
     builder = DijBuilder(ct.shape, plan.n_spots, dij_mask, dij_threshold) if dij else None
     stats: dict[str, Any] = {"beams": len(plan.beams), "spot_energies": plan.n_spots, "spot_positions": 0,
                              "engine_calls": 0, "missed_spot_energies": 0, "truncated_spot_energies": 0,
-                             "max_lateral_residual_mm": 0.0, "engine": getattr(engine, "name", "?")}
+                             "max_lateral_residual_mm": 0.0, "engine": getattr(engine, "name", "?"),
+                             "halo": bool(getattr(engine, "needs_halo", False) if halo is None else halo),
+                             "halo_gy_mm3": 0.0, "beam_grid_gy_mm3": 0.0}
     beam_doses = []
     column = 0
     for b in plan.beams:
@@ -149,6 +157,8 @@ def compute_plan_dose(
         log.warning("%d spot-energies miss the patient (no body voxel in their block) and were skipped",
                     stats["missed_spot_energies"])
     stats["max_dose_gy"] = float(total.max())
+    if stats["halo"]:  # share of the integral dose (in the beam grids) added outside the blocks
+        stats["halo_fraction"] = round(stats["halo_gy_mm3"] / max(stats["beam_grid_gy_mm3"], 1e-30), 5)
     stats["integral_dose_gy_mm3"] = float(total.sum(dtype=np.float64) * ct.voxel_volume_mm3)
     result = PlanDose(total, timer.as_dict(), stats, None, beam_doses)
     if builder is not None:
@@ -172,8 +182,17 @@ def _beam_dose(ct: PatientCT, beam: Beam, fractions: int, engine: Any, timer: St
     uniq, groups = _spot_groups(positions)
     stats["spot_positions"] += len(uniq)
     axes = iec_beam_axes(beam.gantry_deg, beam.couch_deg, beam.patient_position)
+    halo = None
+    if stats["halo"]:
+        from dota.plan.halo import default_halo_table, ring_norms
+
+        table = default_halo_table()
+        if tuple(table.block_hw) != tuple(block_shape[1:]):
+            raise InputError(f"the halo table is for {table.block_hw} blocks, not {block_shape[1:]}")
+        halo = (table, ring_norms(table, voxel_mm), (table.grid_hw[0] - block_shape[1]) // 2)
     with timer("rotate"):
-        grid = bev.make_beam_grid(ct, axes, beam.isocenter_mm, uniq, block_shape, voxel_mm)
+        grid = bev.make_beam_grid(ct, axes, beam.isocenter_mm, uniq, block_shape, voxel_mm,
+                                  pad=0 if halo is None else halo[2])
         hu_grid = bev.resample_ct_to_grid(ct, grid)
         first = bev.first_body_slice(hu_grid)
         windows = bev.spot_windows(grid, first, uniq, block_shape)
@@ -195,15 +214,16 @@ def _beam_dose(ct: PatientCT, beam: Beam, fractions: int, engine: Any, timer: St
             stats["max_lateral_residual_mm"] = max(stats["max_lateral_residual_mm"], float(res_mm.max()))
             if chunk and count + len(groups[gi]) > max_per_call:
                 _run_chunk(chunk, hu_grid, windows, groups, energies, protons, engine, dose_grid, carrier, builder,
-                           column0, timer, stats, block_shape, voxel_mm, bar, centre, hu_to_rsp, csda_range_mm)
+                           column0, timer, stats, block_shape, voxel_mm, bar, centre, hu_to_rsp, csda_range_mm, halo)
                 chunk, count = [], 0
             chunk.append(gi)
             count += len(groups[gi])
         if chunk:
             _run_chunk(chunk, hu_grid, windows, groups, energies, protons, engine, dose_grid, carrier, builder,
-                       column0, timer, stats, block_shape, voxel_mm, bar, centre, hu_to_rsp, csda_range_mm)
+                       column0, timer, stats, block_shape, voxel_mm, bar, centre, hu_to_rsp, csda_range_mm, halo)
     finally:
         bar.close()
+    stats["beam_grid_gy_mm3"] += float(dose_grid.sum()) * float(np.prod(voxel_mm))
     out = np.zeros(ct.shape, dtype=np.float32)
     with timer("deposit"):
         carrier.carry(dose_grid, out)
@@ -214,7 +234,7 @@ def _run_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: lis
                protons: np.ndarray, engine: Any, dose_grid: np.ndarray, carrier: bev.GridToCT, builder: Any,
                column0: int, timer: StageTimer, stats: dict[str, Any], block_shape: tuple[int, int, int],
                voxel_mm: tuple[float, float, float], bar: Any, centre: tuple[slice, slice], hu_to_rsp: Any,
-               csda_range_mm: Any) -> None:
+               csda_range_mm: Any, halo: tuple | None = None) -> None:
     with timer("rotate"):
         blocks = [bev.cut_block(hu_grid, windows[gi], block_shape) for gi in chunk]
         geometry = np.concatenate([np.repeat(blk[None], len(groups[gi]), axis=0) for blk, gi in zip(blocks, chunk)])
@@ -226,6 +246,7 @@ def _run_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: lis
         dose = engine.dose(geometry, energies[idx].astype(np.float32), voxel_mm, seeds=seeds)
     stats["engine_calls"] += 1
     scale = protons[idx] / PRIMARIES_UNIT
+    halo_inputs = []
     with timer("deposit"):
         start = 0
         for blk, gi in zip(blocks, chunk):
@@ -234,9 +255,23 @@ def _run_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: lis
             spot = np.tensordot(scale[start:start + n], part, axes=(0, 0))
             bev.deposit_window(dose_grid, windows[gi], spot)
             # range check along the block's central columns
-            wed_end = float(hu_to_rsp(blk[:, centre[0], centre[1]]).mean(axis=(1, 2)).sum() * voxel_mm[0])
+            steps = hu_to_rsp(blk[:, centre[0], centre[1]]).mean(axis=(1, 2)) * voxel_mm[0]
+            wed_end = float(steps.sum())
             stats["truncated_spot_energies"] += int(np.sum(csda_range_mm(energies[groups[gi]]) > wed_end))
+            halo_inputs.append((gi, start, n, steps))
             start += n
+    if halo is not None:
+        from dota.plan.halo import halo_patch
+
+        table, norms, pad = halo
+        with timer("halo"):
+            for gi, start, n, steps in halo_inputs:
+                in_block = scale[start:start + n, None] * dose[start:start + n].sum(axis=(2, 3), dtype=np.float64)
+                wed = np.cumsum(steps) - 0.5 * steps  # at slice centres
+                w = windows[gi]
+                patch = halo_patch(in_block, wed, energies[groups[gi]], table, voxel_mm, w.residual, norms)
+                bev.deposit_patch(dose_grid, w.p0, w.r0 - pad, w.c0 - pad, patch)
+                stats["halo_gy_mm3"] += float(patch.sum()) * float(np.prod(voxel_mm))
     if builder is not None:
         with timer("dij"):
             start = 0

@@ -66,7 +66,8 @@ def format_planpencil(plan: Plan, ct: PatientCT) -> str:
     total = plan.total_mu
     lines = ["#TREATMENT-PLAN-DESCRIPTION", "#PlanName", plan.name.replace(" ", "_") or "plan",
              "#NumberOfFractions", str(plan.fractions), "##FractionID", "1", "##NumberOfFields", str(len(plan.beams)),
-             "###FieldsID", *[str(i + 1) for i in range(len(plan.beams))],
+             # MCsquare reads one "###FieldsID" tag before each field's ID (data_beam_model.c)
+             *[v for i in range(len(plan.beams)) for v in ("###FieldsID", str(i + 1))],
              "#TotalMetersetWeightOfAllFields", f"{total:.6f}", ""]
     for i, b in enumerate(plan.beams):
         iso = dicom_to_mcsquare(ct, np.asarray(b.isocenter_mm))

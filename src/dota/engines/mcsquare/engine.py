@@ -61,6 +61,7 @@ class MCsquareEngine(DoseEngine):
     """
 
     name = "mcsquare"
+    needs_halo = True  # its blocks hold only the in-block part of the spot's dose
 
     def __init__(self, primaries: int = MCSQUARE_DEFAULT_PRIMARIES, threads: int = 1, seed: int = 1,
                  hu_calibration: str = "dota", cache_dir: str | os.PathLike | None = None,

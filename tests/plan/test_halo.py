@@ -1,0 +1,153 @@
+"""The out-of-block halo: the shipped table, the patch it gives, its fit, and its place in plan dose."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dota.engines import DoseEngine, get_engine
+from dota.errors import DataFileError
+from dota.plan.dose import compute_plan_dose
+from dota.plan.geometry import ct_from_array
+from dota.plan.halo import (
+    HALO_SIGMAS_MM,
+    HaloTable,
+    default_halo_table,
+    fit_halo,
+    gaussian_rows,
+    halo_patch,
+    read_halo_table,
+    ring_norms,
+)
+from dota.plan.model import Beam, EnergyLayer, Plan
+
+VOXEL = (2.0, 2.0, 2.0)
+
+
+def test_shipped_table_covers_the_engines_and_holds_what_mcsquare_measured():
+    t = default_halo_table()
+    assert t.energies_mev[0] <= 70 and t.energies_mev[-1] >= 225
+    assert t.block_hw == (24, 24) and t.grid_hw[0] > 24
+    assert np.all(t.weights >= 0) and np.all(np.isfinite(t.weights))
+    fractions = t.meta["out_of_block_fraction"]
+    assert all(0.02 < v < 0.08 for v in fractions.values())  # 3.3-5.2 % measured in water
+    # at mid-range, the tabulated out-of-block fraction is of the same size as the measured whole-beamlet one
+    for e in (70.0, 150.0, 225.0):
+        assert 0.015 < t.at(e, np.array([0.5])).sum() < 0.1
+
+
+def test_patch_keeps_the_tabulated_integral_and_leaves_the_block_empty():
+    t = default_halo_table()
+    length = 150
+    in_block = np.zeros((2, length))
+    in_block[0, :60] = np.linspace(1.0, 3.0, 60)
+    in_block[1, :90] = 0.5
+    wed = (np.arange(length) + 0.5) * 2.0
+    energies = np.array([110.0, 140.0])
+    patch = halo_patch(in_block, wed, energies, t, VOXEL)
+    r0 = (t.grid_hw[0] - 24) // 2
+    assert patch.shape == (length, *t.grid_hw)
+    assert np.all(patch[:, r0:r0 + 24, r0:r0 + 24] == 0) and np.all(patch >= 0)
+    from dota.physics import csda_range_mm
+
+    want = sum(in_block[i, :, None] * t.at(float(e), wed / csda_range_mm(float(e))) for i, e in enumerate(energies))
+    np.testing.assert_allclose(patch.sum(axis=(1, 2)), want.sum(axis=1), rtol=1e-9, atol=1e-12)
+    assert np.all(patch[90:] == 0)  # nothing below where the spot's blocks have dose
+    # off-centre axis: the halo follows it (more on the side it moved to), integral nearly kept
+    shifted = halo_patch(in_block, wed, energies, t, VOXEL, residual=(0.0, 0.5))
+    assert shifted[:, :, -r0:].sum() > patch[:, :, -r0:].sum()
+    assert shifted.sum() == pytest.approx(patch.sum(), rel=0.02)
+
+
+def test_fit_recovers_a_known_halo():
+    """A synthetic beamlet: a narrow core plus 4 % in a 25 mm Gaussian; the fit puts back what lies outside."""
+    big = 80
+    y = (np.arange(big) - (big - 1) / 2.0) * 2.0
+    core = gaussian_rows(y, 2.0, np.array(4.0))[:, None] * gaussian_rows(y, 2.0, np.array(4.0))[None, :]
+    wide = gaussian_rows(y, 2.0, np.array(25.0))[:, None] * gaussian_rows(y, 2.0, np.array(25.0))[None, :]
+    slice_ = 0.96 * core + 0.04 * wide
+    dose = np.repeat(slice_[None] * 4.0, 60, axis=0)  # 120 mm deep, flat
+    weights, diag = fit_halo(dose, 150.0, VOXEL, (24, 24), np.array([0.0, 0.25, 0.5]))
+    inside = np.zeros((big, big), bool)
+    inside[28:52, 28:52] = True
+    want = slice_[~inside].sum() / slice_[inside].sum()
+    np.testing.assert_allclose(weights.sum(axis=1), want, rtol=1e-3)
+    assert diag["out_fraction"] == pytest.approx(slice_[~inside].sum() / slice_.sum(), rel=1e-6)
+    assert max(diag["rms_error_of_max"]) < 0.02
+
+
+def test_table_errors_are_one_line(tmp_path):
+    with pytest.raises(DataFileError, match="cannot read the halo table"):
+        read_halo_table(tmp_path / "missing.json")
+    t = default_halo_table()
+    bad = json.loads(t.to_json())
+    bad["weights"] = bad["weights"][:-1]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(DataFileError, match="do not match") as err:
+        read_halo_table(path)
+    assert "\n" not in str(err.value)
+    path.write_text(t.to_json())
+    back = read_halo_table(path)
+    np.testing.assert_allclose(back.weights, t.weights, atol=1e-7)
+    assert isinstance(back, HaloTable) and back.sigmas_mm.tolist() == list(HALO_SIGMAS_MM)
+
+
+def test_ring_norms_are_the_out_of_block_part_of_each_gaussian():
+    t = default_halo_table()
+    from scipy.special import ndtr
+
+    norms = ring_norms(t, VOXEL)
+    s = np.asarray(t.sigmas_mm)
+    window = ndtr(t.grid_hw[0] / s) - ndtr(-t.grid_hw[0] / s)  # +-80 mm: half-width grid_hw * 2 mm / 2
+    box = ndtr(24.0 / s) - ndtr(-24.0 / s)
+    np.testing.assert_allclose(norms, window**2 - box**2, rtol=1e-9, atol=1e-15)
+
+
+class InBlockEngine(DoseEngine):
+    """The analytic dose, declared as in-block Monte Carlo: plan dose adds its halo."""
+
+    name = "in-block"
+    needs_halo = True
+
+    def __init__(self):
+        self.inner = get_engine("analytic")
+
+    def dose(self, geometry, energies, voxel_mm=VOXEL, *, seeds=None):
+        return self.inner.dose(geometry, energies, voxel_mm)
+
+
+def _water_ct():
+    """Water 200 mm wide and high (the halo window is +-80 mm), 134 mm deep behind 10 mm of air."""
+    hu = np.full((100, 72, 100), -1000.0, np.float32)
+    hu[:, 5:, :] = 0.0
+    return ct_from_array(hu, (2.0, 2.0, 2.0), origin_mm=(-99.0, -71.0, -99.0))
+
+
+def test_plan_dose_adds_the_halo_only_for_in_block_engines():
+    ct = _water_ct()
+    xy = [[x, y] for x in (-6.0, 0.0, 6.0) for y in (-6.0, 0.0, 6.0)]
+    plan = Plan([Beam("b", 0.0, 0.0, (0.0, 0.0, 0.0), [EnergyLayer(120.0, xy, np.ones(9))])])
+    plain = compute_plan_dose(ct, plan, get_engine("analytic"))
+    assert plain.stats["halo"] is False and "halo_fraction" not in plain.stats
+    with_halo = compute_plan_dose(ct, plan, InBlockEngine())
+    assert with_halo.stats["halo"] is True and "halo" in with_halo.timings_s
+    added = with_halo.dose_gy.sum(dtype=np.float64) / plain.dose_gy.sum(dtype=np.float64) - 1.0
+    assert 0.025 < added < 0.06  # the table's 3-5 %
+    assert with_halo.stats["halo_fraction"] == pytest.approx(added / (1 + added), rel=0.05)
+    off = compute_plan_dose(ct, plan, InBlockEngine(), halo=False)
+    np.testing.assert_array_equal(off.dose_gy, plain.dose_gy)
+    # the added dose lies outside the spots' blocks: far off the field it is the only dose
+    far = np.abs(ct.index_to_patient(np.argwhere(np.ones(ct.shape, bool)))[:, 0]).reshape(ct.shape) > 50
+    assert plain.dose_gy[far].max() < 1e-6 * plain.dose_gy.max() < with_halo.dose_gy[far].max()
+
+
+def test_which_engines_need_the_halo():
+    from dota.engines.learned import LearnedEngine
+
+    assert get_engine("analytic").needs_halo is False
+    assert LearnedEngine().needs_halo is True  # the shipped model learned MCsquare's in-block dose
+    assert LearnedEngine("tiny").needs_halo is False
+    assert LearnedEngine("tiny", halo=True).needs_halo is True
