@@ -6,7 +6,8 @@
 #   bash scripts/plans_vs_mc.sh                 # both plans (about 1 h 15 min on 2 cores, most of it MCsquare)
 #   PRIMARIES=20000000 bash scripts/plans_vs_mc.sh
 #
-# Outputs under $RUNS/plans/{liver,hn26}/ (default runs/plans); each step is skipped when its output exists.
+# Outputs under $RUNS/plans/{liver,hn26}/ (default runs/plans); each step is skipped when its output exists
+# (a step that runs again replaces what an interrupted run of it left: --overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
@@ -20,14 +21,14 @@ run_plan() {  # name ct "plan options" "structures"
   local name=$1 ct=$2 opts=$3 structs=$4 out=$RUNS/plans/$1
   mkdir -p "$out"
   [ -f "$out/plan.dcm" ] || $D plan --ct "$ct" $opts --dose 2 --out "$out/plan.dcm" --out "$out/plan.json" \
-    --summary "$out/plan_summary.json" --no-progress
+    --summary "$out/plan_summary.json" --overwrite --no-progress
   [ -f "$out/dose_mcsquare.mhd" ] || $D dose --ct "$ct" --plan "$out/plan.dcm" --engine mcsquare-plan \
     --primaries "$PRIMARIES" --threads "$THREADS" --out "$out/dose_mcsquare.mhd" \
-    --summary "$out/dose_mcsquare_summary.json" --no-progress
+    --summary "$out/dose_mcsquare_summary.json" --overwrite --no-progress
   for eng in dota analytic; do
     [ -f "$out/dose_$eng.mhd" ] || $D dose --ct "$ct" --plan "$out/plan.dcm" --engine "$eng" \
       --out "$out/dose_$eng.mhd" --reference "$out/dose_mcsquare.mhd" $structs --prescription 2 \
-      --dvh "$out/dvh_$eng.csv" --summary "$out/dose_${eng}_summary.json" --report "$out/report_$eng" --no-progress
+      --dvh "$out/dvh_$eng.csv" --summary "$out/dose_${eng}_summary.json" --report "$out/report_$eng" --overwrite --no-progress
   done
 }
 

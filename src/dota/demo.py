@@ -150,12 +150,14 @@ def _demo_plan(plan_dir: Path, *, model: str | None, device: str, seed: int, pro
         "default model's dose-influence matrix")
     planned = run_plan(ct, target, [plan_dir / "plan.dcm", plan_dir / "plan.json"], angles=DEMO_PLAN["angles"],
                        prescription_gy=DEMO_PLAN["prescription_gy"], engine="dota", model=model, device=device,
-                       seed=seed, spot_spacing_mm=DEMO_PLAN["spot_spacing_mm"], progress=progress)
+                       seed=seed, spot_spacing_mm=DEMO_PLAN["spot_spacing_mm"], progress=progress,
+                       overwrite=True)  # a rerun (no plan_summary.json yet) replaces what an interrupted one left
     say("plan: recomputing its dose with the default model (RTDOSE, DVH, plan page)")
     t = time.perf_counter()
     dosed = run_dose(ct, plan_dir / "plan.dcm", [plan_dir / "dose.dcm", plan_dir / "dose.mhd"], engine="dota",
                      model=model, device=device, seed=seed, structures=[target], dvh_csv=plan_dir / "dvh.csv",
-                     prescription_gy=DEMO_PLAN["prescription_gy"], report_dir=plan_dir / "report", progress=progress)
+                     prescription_gy=DEMO_PLAN["prescription_gy"], report_dir=plan_dir / "report", progress=progress,
+                     overwrite=True)
     dose_s = time.perf_counter() - t
     target_stats = _target_stats(dosed)
     summary = {"spot_energies": dosed.get("spot_energies"), "dose_s": dose_s,

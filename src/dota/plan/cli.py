@@ -1,6 +1,8 @@
 """The plan commands of ``dota`` (``dota dose``, ``dota plan``), registered by :func:`dota.cli.build_parser`.
 
-Each command calls one function of :mod:`dota.plan.workflow` and prints a short summary; bad input
+Each command calls one function of :mod:`dota.plan.workflow` and prints a short summary. Every file it
+will write follows the rule of the other commands' ``--out`` (:func:`dota.fileio.check_output`, checked
+before any work; existing files replaced only with ``--overwrite``). Bad input
 raises :class:`dota.errors.InputError` / :class:`dota.errors.DataFileError`, which the ``dota`` entry point
 turns into one line and exit code 2.
 """
@@ -12,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # the one argparse type for each rule (dota.cli imports this module only inside build_parser: no cycle)
-from dota.cli import positive_float, positive_int
+from dota.cli import _add_overwrite, positive_float, positive_int
 
 
 def _print_summary(summary: dict, keys: tuple[str, ...]) -> None:
@@ -28,24 +30,22 @@ def _print_summary(summary: dict, keys: tuple[str, ...]) -> None:
 
 
 def cmd_dose(args: argparse.Namespace) -> int:
-    from dota.plan.workflow import run_dose, write_summary
+    from dota.plan.workflow import run_dose
 
     summary = run_dose(
         args.ct, args.plan, args.out or [], engine=args.engine, model=args.model, device=args.device,
         seed=args.seed, primaries=args.primaries, threads=args.threads, structures=args.structure,
         dvh_csv=args.dvh, prescription_gy=args.prescription, reference=args.reference, report_dir=args.report,
         dij_path=args.dij, dij_threshold=args.dij_threshold, max_beamlets_per_call=args.max_beamlets_per_call,
-        progress=not args.no_progress,
+        progress=not args.no_progress, summary_path=args.summary, overwrite=args.overwrite,
     )
-    if args.summary:
-        write_summary(args.summary, summary)
     _print_summary(summary, ("beams", "spot_energies", "spot_positions", "engine_calls", "max_dose_gy",
                              "dij_megabytes", "gamma", "dvh"))
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from dota.plan.workflow import run_plan, write_summary
+    from dota.plan.workflow import run_plan
 
     summary = run_plan(
         args.ct, args.target, args.out, angles=args.angles, couches=args.couch, oars=args.oar,
@@ -53,10 +53,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         device=args.device, seed=args.seed, spot_spacing_mm=args.spot_spacing, layer_spacing_mm=args.layer_spacing,
         lateral_margin_mm=args.margin, oar_weight=args.oar_weight, oar_limit_gy=args.oar_limit,
         max_iterations=args.iterations, dij_path=args.dij, dose_out=args.dose_out, report_dir=args.report,
-        progress=not args.no_progress,
+        progress=not args.no_progress, summary_path=args.summary, overwrite=args.overwrite,
     )
-    if args.summary:
-        write_summary(args.summary, summary)
     _print_summary(summary, ("beams", "spot_energies_placed", "spot_energies", "dij_megabytes", "optimizer",
                              "target_dose_gy"))
     return 0
@@ -93,6 +91,7 @@ def add_commands(sub: argparse._SubParsersAction, add_common: Callable[..., None
     p.add_argument("--max-beamlets-per-call", type=positive_int, default=128,
                    help="bound on beamlets per engine call (memory; default 128)")
     p.add_argument("--summary", type=Path, help="write the run's summary (statistics, timings) as JSON")
+    _add_overwrite(p, "existing outputs of --out, --dvh, --dij, --summary and --report")
     add_common(p)
     p.set_defaults(func=cmd_dose)
 
@@ -126,5 +125,6 @@ def add_commands(sub: argparse._SubParsersAction, add_common: Callable[..., None
     p.add_argument("--dose-out", type=Path, action="append", help="recompute and write the plan's dose (repeatable)")
     p.add_argument("--report", type=Path, help="folder for the plan page (recomputes the dose)")
     p.add_argument("--summary", type=Path, help="write the summary (spots, optimiser, timings) as JSON")
+    _add_overwrite(p, "existing outputs of --out, --dij, --dose-out, --summary and --report")
     add_common(p)
     p.set_defaults(func=cmd_plan)

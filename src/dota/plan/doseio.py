@@ -6,11 +6,17 @@ relative rounding below 2.4e-10 of the maximum), ``DoseUnits`` GY, ``DoseType`` 
 ``DoseSummationType`` PLAN, the CT's ``FrameOfReferenceUID``, study and patient, ``PatientPosition``
 as the CT's, ``ImagePositionPatient``/``ImageOrientationPatient`` from the CT grid and
 ``GridFrameOffsetVector`` the slice offsets along the slice normal.
+
+Every file is written atomically (:func:`dota.fileio.atomic_write`): a reader never sees half a dose, and
+an existing file is replaced only once the new one is complete. :func:`dose_files` names the files a dose
+output becomes, for :func:`dota.fileio.check_output` before any work.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +24,41 @@ import numpy as np
 from scipy import ndimage
 
 from dota.errors import DataFileError, InputError
+from dota.fileio import atomic_write
 from dota.plan.geometry import PatientCT, _is_itk_file, read_itk_image
 
 RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
+#: Image files whose header names a data file beside it (SimpleITK writes ``<stem>.raw`` uncompressed).
+_DETACHED_HEADERS = (".mhd", ".nhdr")
+
+
+def dose_files(path: str | os.PathLike) -> list[Path]:
+    """The files :func:`write_dose` writes for ``path``: ``path``, and for a MetaImage ``.mhd`` or NRRD
+    ``.nhdr`` header the data file it names, ``<stem>.raw``; :class:`~dota.errors.InputError` for a suffix
+    it cannot write. For checking the outputs before any work."""
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        return [path]
+    if _is_itk_file(path):
+        return [path, path.with_suffix(".raw")] if path.name.lower().endswith(_DETACHED_HEADERS) else [path]
+    raise InputError(f"{path}: choose .dcm (RTDOSE), .mhd, .mha, .nrrd, .nii or .nii.gz for a dose")
+
+
+def write_by_name(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """For writers that choose the format, or add files, by the file's name (SimpleITK, numpy's ``.npz``):
+    ``write(scratch)`` writes ``scratch`` (named as ``path``) in a temporary folder beside ``path``; every
+    file it made is then moved into place with :func:`dota.fileio.atomic_write`, ``path`` itself last (a
+    header after the data file it names). The folder is removed, also on error."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataFileError(f"cannot write {path}: {exc.strerror or exc}") from None
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as scratch:
+        write(Path(scratch) / path.name)
+        for made in sorted(Path(scratch).iterdir(), key=lambda p: p.name == path.name):
+            atomic_write(path.parent / made.name, lambda t, made=made: os.replace(made, t))
+    return path
 
 
 def write_dose(path: str | os.PathLike, dose_gy: np.ndarray, ct: PatientCT, plan: Any = None) -> Path:
@@ -32,15 +70,15 @@ def write_dose(path: str | os.PathLike, dose_gy: np.ndarray, ct: PatientCT, plan
         raise InputError(f"dose shape {dose.shape} differs from the CT grid {ct.shape}")
     if not np.all(np.isfinite(dose)):
         raise InputError("the dose holds NaN or inf")
+    dose_files(path)  # the suffix
     if path.suffix.lower() == ".dcm":
         return write_rtdose(path, dose, ct, plan)
-    if _is_itk_file(path):
-        return write_itk_image(path, dose.astype(np.float32), ct)
-    raise InputError(f"{path}: choose .dcm (RTDOSE), .mhd, .mha, .nrrd, .nii or .nii.gz for a dose")
+    return write_itk_image(path, dose.astype(np.float32), ct)
 
 
 def write_itk_image(path: str | os.PathLike, array_zyx: np.ndarray, ct: PatientCT) -> Path:
-    """Write a (z, y, x) array on ``ct``'s grid (spacing, origin and direction kept) with SimpleITK."""
+    """Write a (z, y, x) array on ``ct``'s grid (spacing, origin and direction kept) with SimpleITK
+    (atomically, :func:`write_by_name`)."""
     import SimpleITK as sitk
 
     img = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx))
@@ -49,8 +87,8 @@ def write_itk_image(path: str | os.PathLike, array_zyx: np.ndarray, ct: PatientC
     img.SetOrigin(tuple(float(v) for v in ct.origin_mm))
     img.SetDirection(tuple(float(v) for v in ct.direction.reshape(-1)))
     path = Path(path)
-    sitk.WriteImage(img, str(path), useCompression=path.name.lower().endswith((".mha", ".nrrd", ".nii.gz")))
-    return path
+    compress = path.name.lower().endswith((".mha", ".nrrd", ".nii.gz"))
+    return write_by_name(path, lambda scratch: sitk.WriteImage(img, str(scratch), useCompression=compress))
 
 
 def write_rtdose(path: str | os.PathLike, dose_gy: np.ndarray, ct: PatientCT, plan: Any = None) -> Path:
@@ -101,7 +139,7 @@ def write_rtdose(path: str | os.PathLike, dose_gy: np.ndarray, ct: PatientCT, pl
         ref.ReferencedSOPInstanceUID = uid
         ds.ReferencedRTPlanSequence = Seq([ref])
     path = Path(path)
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    atomic_write(path, lambda t: pydicom.dcmwrite(t, ds, enforce_file_format=True))
     return path
 
 

@@ -2,12 +2,13 @@
 
 Every CT voxel counts with its whole volume (no partial-volume weighting); ``V(d)`` is the percentage
 of a structure's voxels receiving at least ``d`` Gy; ``Dx`` is the highest dose received by at least
-``x`` % of the volume.
+``x`` % of the volume. Tables and plot are written atomically (:func:`dota.fileio.atomic_write`).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dota.errors import InputError
+from dota.fileio import atomic_write
 from dota.plan.structures import Structure
 
 
@@ -68,26 +70,33 @@ def compute_dvh(dose_gy: np.ndarray, structure: Structure, voxel_volume_mm3: flo
     return DVH(structure.name, levels, volume, stats)
 
 
+def dvh_files(path: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """What ``--dvh path`` writes: the table, ``<stem>_stats.csv`` (:func:`write_dvh_csv`) and
+    ``<stem>.png`` (:func:`plot_dvh`)."""
+    path = Path(path)
+    return path, path.with_name(path.stem + "_stats.csv"), path.with_suffix(".png")
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> None:
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerows(rows)
+    text = buf.getvalue()
+    atomic_write(path, lambda t: Path(t).write_text(text, newline=""))
+
+
 def write_dvh_csv(path: str | os.PathLike, dvhs: list[DVH]) -> tuple[Path, Path]:
     """Two tables: ``path`` (dose_gy then one volume-% column per structure, on a common dose axis) and
     ``<stem>_stats.csv`` (one row of statistics per structure). Returns both paths."""
     if not dvhs:
         raise InputError("no structures for a DVH table")
-    path = Path(path)
+    path, stats_path, _ = dvh_files(path)
     levels = max((h.dose_gy for h in dvhs), key=len)
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["dose_gy", *[f"{h.name}_volume_percent" for h in dvhs]])
-        cols = [np.interp(levels, h.dose_gy, h.volume_percent, right=0.0) for h in dvhs]
-        for i, level in enumerate(levels):
-            w.writerow([f"{level:.6g}", *[f"{c[i]:.4f}" for c in cols]])
-    stats_path = path.with_name(path.stem + "_stats.csv")
+    cols = [np.interp(levels, h.dose_gy, h.volume_percent, right=0.0) for h in dvhs]
+    _write_csv(path, [["dose_gy", *[f"{h.name}_volume_percent" for h in dvhs]]]
+               + [[f"{level:.6g}", *[f"{c[i]:.4f}" for c in cols]] for i, level in enumerate(levels)])
     keys = list(dict.fromkeys(k for h in dvhs for k in h.stats))
-    with stats_path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["structure", *keys])
-        for h in dvhs:
-            w.writerow([h.name, *[f"{h.stats[k]:.6g}" if k in h.stats else "" for k in keys]])
+    _write_csv(stats_path, [["structure", *keys]]
+               + [[h.name, *[f"{h.stats[k]:.6g}" if k in h.stats else "" for k in keys]] for h in dvhs])
     return path, stats_path
 
 
@@ -116,6 +125,8 @@ def plot_dvh(path: str | os.PathLike, dvhs: list[DVH], reference: list[DVH] | No
     ax.legend(fontsize=8, title="dashed: reference" if reference else None, title_fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda t: fig.savefig(t, format="png"))
+    finally:
+        plt.close(fig)
     return path

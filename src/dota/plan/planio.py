@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dota.errors import DataFileError, InputError
+from dota.fileio import atomic_write
 from dota.plan.model import Beam, EnergyLayer, Plan, beam_model_energy_range_mev
 
 JSON_FORMAT = "dota-plan"
@@ -57,7 +58,8 @@ def read_plan(path: str | os.PathLike, ct: Any = None, *, validate: bool = True)
 
 
 def write_plan(path: str | os.PathLike, plan: Plan, ct: Any = None) -> Path:
-    """Write ``plan`` by suffix: ``.json``, ``.txt`` (PlanPencil, needs ``ct``) or anything else as RT Ion Plan."""
+    """Write ``plan`` by suffix: ``.json``, ``.txt`` (PlanPencil, needs ``ct``) or anything else as RT Ion Plan;
+    atomically (:func:`dota.fileio.atomic_write`), as every writer here."""
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".json"):
@@ -67,7 +69,8 @@ def write_plan(path: str | os.PathLike, plan: Plan, ct: Any = None) -> Path:
             raise InputError("writing a PlanPencil plan needs the CT (its isocentres are in MCsquare's CT frame)")
         from dota.plan.mcsquare_plan import write_planpencil
 
-        return write_planpencil(path, plan, ct)
+        atomic_write(path, lambda t: write_planpencil(t, plan, ct))
+        return path
     return write_rtionplan(path, plan, ct)
 
 
@@ -146,7 +149,8 @@ def read_json_plan(path: str | os.PathLike) -> Plan:
 
 def write_json_plan(path: str | os.PathLike, plan: Plan) -> Path:
     path = Path(path)
-    path.write_text(json.dumps(plan_to_dict(plan), indent=1) + "\n")
+    text = json.dumps(plan_to_dict(plan), indent=1) + "\n"
+    atomic_write(path, lambda t: Path(t).write_text(text))
     return path
 
 
@@ -373,6 +377,6 @@ def write_rtionplan(path: str | os.PathLike, plan: Plan, ct: Any = None, *, mach
     ds.IonBeamSequence = Seq(ion_beams)
     ds.ApprovalStatus = "UNAPPROVED"
     path = Path(path)
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    atomic_write(path, lambda t: pydicom.dcmwrite(t, ds, enforce_file_format=True))
     return path
 

@@ -35,6 +35,8 @@ MAX_SLICES = 40
 #: (:func:`dota.plan.workflow.read_plan_summary` reads it; ``dota report --plan`` shows it).
 PAGE = "index.html"
 PAGE_SUMMARY = "run_summary.json"
+#: The DVH plot beside the page (when there are DVHs).
+PAGE_DVH = "dvh.png"
 _CT_WINDOW = (-1000.0, 1500.0)
 _OUTLINE_COLOURS = [(255, 255, 255), (255, 80, 200), (80, 255, 255), (255, 255, 80), (140, 255, 80),
                     (255, 150, 60), (170, 140, 255)]
@@ -156,7 +158,8 @@ def write_plan_report(
     title: str = "dota plan dose",
     prescription_gy: float | None = None,
 ) -> Path:
-    """Write ``folder/index.html`` (self-contained) and ``folder/dvh.png``; return the page's path.
+    """Write ``folder/index.html`` (self-contained) and ``folder/dvh.png``, each atomically; return the page's
+    path. Existing files are replaced: the workflows check the folder first (:func:`dota.fileio.check_output`).
 
     ``gamma`` is computed with :func:`plan_gamma` when ``reference_gy`` is given and ``gamma`` is not.
     ``summary`` is shown as a table; the workflows write their whole summary beside the page afterwards
@@ -199,7 +202,7 @@ def write_plan_report(
                      "</figure>")
     parts.append("</div>")
     if dvhs:
-        png = plot_dvh(folder / "dvh.png", dvhs, prescription_gy=prescription_gy)
+        png = plot_dvh(folder / PAGE_DVH, dvhs, prescription_gy=prescription_gy)
         rows = "".join("<tr><td>" + html.escape(h.name) + "</td>" + "".join(
             f"<td>{h.stats.get(k, float('nan')):.3f}</td>" for k in ("mean_gy", "D98_gy", "D95_gy", "D50_gy", "D2_gy",
                                                                      "max_gy")) + "</tr>" for h in dvhs)

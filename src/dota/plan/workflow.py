@@ -9,6 +9,11 @@ Every stage is timed (``timings_s``: read, setup, rotate, infer, deposit, dij, o
 gamma, report). With a plan page (``--report DIR``) the run's summary is also written beside it
 (``DIR/run_summary.json``, :data:`dota.plan.report.PAGE_SUMMARY`), so that the folder says what it
 shows; ``dota report --plan DIR`` reads it with :func:`read_plan_summary`.
+
+Outputs follow the rule of every command (:func:`dota.fileio.check_output`): every file a run will write
+(dose outputs with their data files, DVH tables and plot, ``--dij``, ``--summary``, the page folder's
+files, plan files) is checked before anything is read or computed; an existing one is replaced only with
+``overwrite``, none may be an input, and each is written atomically (:func:`check_outputs`).
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ from typing import Any, NotRequired, TypedDict
 import numpy as np
 
 from dota.errors import InputError
-from dota.fileio import atomic_write
+from dota.fileio import atomic_write, check_output
 from dota.plan.dose import StageTimer, compute_plan_dose
 from dota.plan.geometry import PatientCT, read_patient_ct
 from dota.plan.model import Plan
-from dota.plan.report import PAGE_SUMMARY
+from dota.plan.report import PAGE, PAGE_DVH, PAGE_SUMMARY
 from dota.report.schema import read_json
 
 ENGINES = ("dota", "analytic", "mcsquare", "mcsquare-plan")
@@ -110,6 +115,61 @@ def _write_outputs(outputs: list[str | os.PathLike], dose: np.ndarray, ct: Patie
     return [write_dose(p, dose, ct, plan) for p in outputs]
 
 
+def dij_file(path: str | os.PathLike) -> Path:
+    """The file ``--dij path`` becomes (numpy adds ``.npz`` when missing, :meth:`DoseInfluence.save`)."""
+    path = Path(path)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def _save_dij(dij: Any, path: str | os.PathLike) -> Path:
+    from dota.plan.doseio import write_by_name
+
+    return write_by_name(dij_file(path), dij.save)  # atomically
+
+
+def _input_files(*paths: str | os.PathLike | None, specs: list[str] | None = None) -> list[Path]:
+    """The files a run reads: ``paths`` and the files of structure specs (not ``sphere:``)."""
+    from dota.plan.structures import _split_spec
+
+    files = [Path(p) for p in paths if p is not None]
+    files += [_split_spec(s)[0] for s in specs or [] if not s.startswith("sphere:")]
+    return files
+
+
+def _check(option: str, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """:func:`dota.fileio.check_output`, its one line naming ``option`` instead of ``--out``."""
+    try:
+        return check_output(path, **kwargs)
+    except InputError as exc:
+        text = str(exc)
+        if option != "--out" and text.startswith("--out"):
+            raise InputError(option + text[len("--out"):]) from None
+        raise
+
+
+def check_outputs(files: list[tuple[str, str | os.PathLike]], *, inputs: list[Path], overwrite: bool = False,
+                  report_dir: str | os.PathLike | None = None, report_writes: tuple[str, ...] = ()) -> None:
+    """The rule for ``--out`` (:func:`dota.fileio.check_output`) for every file a run will write, given as
+    ``(option, path)``, and for the plan page folder ``report_dir`` (the files ``report_writes`` in it):
+    never an input, an existing file only with ``overwrite``, a writable place; and no two outputs at one
+    path. Raises :class:`~dota.errors.InputError`, one line naming the option."""
+    seen: dict[Path, str] = {}
+
+    def claim(option: str, path: str | os.PathLike) -> None:
+        key = Path(path).expanduser().resolve()
+        if key in seen:
+            raise InputError(f"{option} {path} is also written by {seen[key]}: give each output its own path")
+        seen[key] = option
+
+    for option, path in files:
+        claim(option, path)
+        _check(option, path, inputs=inputs, overwrite=overwrite)
+    if report_dir is not None:
+        for name in report_writes:
+            claim("--report", Path(report_dir) / name)
+        _check("--report", report_dir, inputs=inputs, overwrite=overwrite, folder=True, writes=report_writes)
+
+
 def run_dose(
     ct_path: str | os.PathLike,
     plan_path: str | os.PathLike,
@@ -130,12 +190,28 @@ def run_dose(
     dij_threshold: float = 1e-3,
     max_beamlets_per_call: int = 128,
     progress: bool = True,
+    summary_path: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """``dota dose``: see the module docstring. Returns a summary (paths, statistics, timings)."""
+    """``dota dose``: see the module docstring. Returns a summary (paths, statistics, timings), also written
+    to ``summary_path`` when given. Every output is checked first (:func:`check_outputs`); existing ones are
+    replaced only with ``overwrite``."""
+    from dota.plan.doseio import dose_files
+    from dota.plan.dvh import dvh_files
     from dota.plan.planio import read_plan
 
     if not outputs and report_dir is None and dvh_csv is None and dij_path is None:
         raise InputError("nothing to write: give --out (and/or --report, --dvh, --dij)")
+    if dvh_csv is not None and not structures:
+        raise InputError("--dvh needs structures (--structure)")
+    if engine == "mcsquare-plan" and dij_path is not None:
+        raise InputError("--dij needs a beamlet engine (dota, analytic, mcsquare), not mcsquare-plan")
+    files = [("--out", f) for o in outputs for f in dose_files(o)]
+    files += [("--dvh", f) for f in dvh_files(dvh_csv)] if dvh_csv is not None else []
+    files += [("--dij", dij_file(dij_path))] if dij_path is not None else []
+    files += [("--summary", summary_path)] if summary_path is not None else []
+    check_outputs(files, inputs=_input_files(ct_path, plan_path, reference, specs=structures), overwrite=overwrite,
+                  report_dir=report_dir, report_writes=(PAGE, PAGE_SUMMARY) + ((PAGE_DVH,) if structures else ()))
     timer = StageTimer()
     with timer("read"):
         ct = read_patient_ct(ct_path)
@@ -148,8 +224,6 @@ def run_dose(
     if engine == "mcsquare-plan":
         from dota.plan.mcsquare_plan import mcsquare_plan_dose
 
-        if dij_path is not None:
-            raise InputError("--dij needs a beamlet engine (dota, analytic, mcsquare), not mcsquare-plan")
         kwargs: dict[str, Any] = {"seed": int(seed) + 1}
         if primaries is not None:
             kwargs["primaries"] = int(primaries)
@@ -168,7 +242,7 @@ def run_dose(
     with timer("write"):
         written = _write_outputs(outputs, dose, ct, plan)
         if dij is not None:
-            written.append(dij.save(dij_path))
+            written.append(_save_dij(dij, dij_path))
             summary["dij_megabytes"] = dij.nbytes / 1e6
             summary["dij_dropped_fraction"] = dij.dropped_fraction
     dvhs = []
@@ -179,10 +253,8 @@ def run_dose(
             dvhs = [compute_dvh(dose, s, ct.voxel_volume_mm3, prescription_gy=prescription_gy) for s in structs]
             if dvh_csv is not None:
                 written.extend(write_dvh_csv(dvh_csv, dvhs))
-                written.append(plot_dvh(Path(dvh_csv).with_suffix(".png"), dvhs, prescription_gy=prescription_gy))
+                written.append(plot_dvh(dvh_files(dvh_csv)[2], dvhs, prescription_gy=prescription_gy))
         summary["dvh"] = {h.name: {k: round(v, 4) for k, v in h.stats.items()} for h in dvhs}
-    elif dvh_csv is not None:
-        raise InputError("--dvh needs structures (--structure)")
     gamma = None
     if reference is not None:
         from dota.plan.doseio import read_dose, resample_to_ct
@@ -209,17 +281,20 @@ def run_dose(
                                      title=f"{Path(plan_path).name} on {ct.name} ({engine})")
         written.append(page)
         summary["timings_s"] = timer.as_dict()
-    _finish(summary, written, report_dir)
+    _finish(summary, written, report_dir, summary_path)
     return summary
 
 
-def _finish(summary: dict[str, Any], written: list[Path], report_dir: str | os.PathLike | None) -> None:
-    """``summary["written"]``, and the summary in the plan page folder (listed there too)."""
+def _finish(summary: dict[str, Any], written: list[Path], report_dir: str | os.PathLike | None,
+            summary_path: str | os.PathLike | None) -> None:
+    """``summary["written"]``, the summary in the plan page folder (listed there too) and at ``summary_path``."""
     if report_dir is not None:
         written.append(Path(report_dir) / PAGE_SUMMARY)
     summary["written"] = [str(p) for p in written]
     if report_dir is not None:
         write_summary(written[-1], summary)
+    if summary_path is not None:
+        write_summary(summary_path, summary)
 
 
 def parse_angles(angles: str, couches: str | None = None) -> list[tuple[float, float]]:
@@ -260,8 +335,13 @@ def run_plan(
     dose_out: list[str | os.PathLike] | None = None,
     report_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    summary_path: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """``dota plan``: see the module docstring. Returns the optimisation summary."""
+    """``dota plan``: see the module docstring. Returns the optimisation summary, also written to
+    ``summary_path`` when given. Every output is checked first (:func:`check_outputs`); existing ones are
+    replaced only with ``overwrite``."""
+    from dota.plan.doseio import dose_files
     from dota.plan.optimize import make_plan
     from dota.plan.planio import write_plan
 
@@ -270,6 +350,12 @@ def run_plan(
         raise InputError("give a plan file to write (--out plan.dcm)")
     if engine == "mcsquare-plan":
         raise InputError("dota plan needs a beamlet engine (analytic, dota, mcsquare) for its dose-influence matrix")
+    files = [("--out", o) for o in outs]
+    files += [("--dij", dij_file(dij_path))] if dij_path is not None else []
+    files += [("--dose-out", f) for o in dose_out or [] for f in dose_files(o)]
+    files += [("--summary", summary_path)] if summary_path is not None else []
+    check_outputs(files, inputs=_input_files(ct_path, specs=[target, *(oars or [])]), overwrite=overwrite,
+                  report_dir=report_dir, report_writes=(PAGE, PAGE_DVH, PAGE_SUMMARY))
     timer = StageTimer()
     with timer("read"):
         ct = read_patient_ct(ct_path)
@@ -291,7 +377,7 @@ def run_plan(
     with timer("write"):
         written = [write_plan(o, plan, ct) for o in outs]
         if dij_path is not None:
-            written.append(dij.save(dij_path))
+            written.append(_save_dij(dij, dij_path))
     if dose_out or report_dir is not None:
         result = compute_plan_dose(ct, plan, eng, progress=progress, timer=timer)
         with timer("write"):
@@ -313,7 +399,7 @@ def run_plan(
                                          title=f"plan {Path(outs[0]).name} on {ct.name}")
             written.append(page)
     summary["timings_s"] = timer.as_dict()
-    _finish(summary, written, report_dir)
+    _finish(summary, written, report_dir, summary_path)
     return summary
 
 
