@@ -10,13 +10,16 @@ The halo model (fitted to MCsquare in water by ``scripts/fit_halo.py``, stored i
 ``dota/resources/halo/mcsquare_halo.json``): at water-equivalent depth ``w`` of a spot-energy of energy
 ``E`` whose in-block dose integrates to ``I(w)`` over its slice, the dose outside the block is
 
-    I(w) * sum_j a_j(E, t) * G(x; s_j) G(y; s_j),    (x, y) outside the block, t = w / R_CSDA(E),
+    I(w) * sum_j a_j(E, t) * ring_j(x, y),    t = w / R_CSDA(E),
 
-two isotropic Gaussians (unit integral, voxel-averaged) whose part inside the block is already in the
-beamlet. ``a_j`` and ``s_j`` are tabulated on a grid of energies and depth fractions ``t`` and
-interpolated linearly (clamped at the table's ends). Heterogeneity enters through ``I`` (the engine's
+with ``ring_j`` the out-of-block part of an isotropic Gaussian of fixed width ``HALO_SIGMAS_MM[j]``
+(6-90 mm; voxel-averaged, normalised to sum to one over the window) and ``a_j`` the fraction of the
+in-block dose it carries (non-negative least squares). The weights are tabulated on 9 energies x 22
+depth fractions and interpolated linearly (clamped at the ends); because the widths are fixed,
+interpolating the weights interpolates the kernels. Heterogeneity enters through ``I`` (the engine's
 own in-block dose) and ``w`` (the block's central-axis water-equivalent depth). Dose carried further
-than the halo window (``HALO_HALF_WIDTH_MM`` from the spot axis) is not added.
+than the window (``HALO_HALF_WIDTH_MM`` from the spot axis) is not added; the dose-influence matrix
+holds the in-block dose only.
 
 Which engines need it: those whose beamlets are in-block Monte Carlo (``DoseEngine.needs_halo``: the
 DoTA engine, trained on MCsquare blocks, and the MCsquare beamlet engine); the analytic engine counts the
