@@ -195,3 +195,19 @@ def test_lateral_profiles_match_float64_voxel_integrals_in_both_tails():
     tails = want > 1e-30
     assert np.max(np.abs(got - want)[tails] / want[tails]) < 1e-4  # relative precision down to 1e-30
     np.testing.assert_allclose(got.sum(axis=2) * spacing, ndtr(-lo[..., 0]) - ndtr(-hi[..., -1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("rows, cols", [(24, 24), (24, 30), (7, 5)])
+def test_lattice_profiles_equal_the_general_ones_bit_for_bit(rows, cols):
+    """The square-voxel path (one erfc table for both axes) gives the general function's numbers exactly."""
+    import torch
+
+    from dota.engines.analytic import _lateral_profiles, _lattice_profiles
+
+    rng = np.random.default_rng(rows * cols)
+    idx_r, idx_c = rng.integers(0, rows, 150), rng.integers(0, cols, 150)
+    sigma = rng.uniform(0.5, 9.0, size=(20, 150))
+    want_y = _lateral_profiles((idx_r - (rows - 1) / 2.0) * 2.0, sigma, rows, 2.0)
+    want_x = _lateral_profiles((idx_c - (cols - 1) / 2.0) * 2.0, sigma, cols, 2.0)
+    got_y, got_x = _lattice_profiles(idx_r, idx_c, sigma, rows, cols, 2.0)
+    assert torch.equal(got_y, want_y) and torch.equal(got_x, want_x)

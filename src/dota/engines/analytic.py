@@ -80,6 +80,35 @@ def _lateral_profiles(centre_mm: np.ndarray, sigma_mm: np.ndarray, count: int, s
     return out.mul_(0.5 / spacing_mm)
 
 
+def _lattice_profiles(idx_r: np.ndarray, idx_c: np.ndarray, sigma_mm: np.ndarray, rows: int, cols: int,
+                      spacing_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_lateral_profiles` along rows and along columns at once, for sub-pencils centred on voxel
+    centres (rows ``idx_r``, columns ``idx_c``) with one width for both axes (square voxels, round
+    sub-pencils): the same numbers with half the erfc evaluations.
+
+    Voxel ``j`` of a sub-pencil at voxel ``i`` has its edges at ``(q -+ 0.5) * spacing`` from the centre,
+    ``q = j - i``, so both profiles are drawn from ``U[m] = erfc((m + 0.5) * spacing / (sqrt 2 sigma))``,
+    ``m = 0 .. max(rows, cols) - 1``: ``V[0] = 2 - U[0] - U[0]`` (the centre's voxel), ``V[n] = U[n-1] - U[n]``,
+    and the profile is ``V[|q|]`` (the operations of :func:`_lateral_profiles`, so the results are
+    bit-identical; tests)."""
+    count = max(rows, cols)
+    scale = torch.from_numpy(1.0 / (math.sqrt(2.0) * sigma_mm)).float()[:, :, None]  # (D, K, 1)
+    half = torch.from_numpy((np.arange(count) + 0.5) * spacing_mm).float()  # |edge offsets|
+    u = torch.erfc(half[None, None, :] * scale)  # (D, K, count)
+    v = torch.empty(u.shape[:2] + (count + 1,), dtype=u.dtype)
+    v[..., 0] = (2.0 - u[..., 0]) - u[..., 0]
+    v[..., 1:count] = u[..., :-1] - u[..., 1:]
+    v[..., count] = 0.0  # not used: |q| <= count - 1
+    v.mul_(0.5 / spacing_mm)
+    depth = v.shape[0]
+
+    def profile(idx: np.ndarray, n: int) -> torch.Tensor:
+        q = torch.from_numpy(np.abs(np.arange(n)[None, :] - idx[:, None]))  # (K, n)
+        return torch.gather(v, 2, q[None].expand(depth, -1, -1))
+
+    return profile(idx_r, rows), profile(idx_c, cols)
+
+
 #: Spot models: "dota" (one round Gaussian, :func:`dota.physics.spot_sigma_mm`) or "beam-model" (the
 #: double-Gaussian, elliptical spot of the MCsquare beam model the Monte Carlo data use).
 SPOT_MODELS: tuple[str, ...] = ("dota", "beam-model")
@@ -225,7 +254,10 @@ class AnalyticEngine(DoseEngine):
 
         idd = weight * table.mean_between(wed_entry, wed_exit)  # (D, K), MeV cm^2/g per proton
         mcs = mcs_sigma_mm(rsp[:depth_count], energy_mev, dz)
-        profile_y = _lateral_profiles(centre_y, np.sqrt(sub_y**2 + mcs**2), rows, dy)  # (D, K, H)
-        profile_x = _lateral_profiles(centre_x, np.sqrt(sub_x**2 + mcs**2), cols, dx)  # (D, K, W)
+        if dy == dx and sub_y == sub_x:  # square voxels, round sub-pencils: one set of erfc for both axes
+            profile_y, profile_x = _lattice_profiles(idx_r, idx_c, np.sqrt(sub_y**2 + mcs**2), rows, cols, dy)
+        else:
+            profile_y = _lateral_profiles(centre_y, np.sqrt(sub_y**2 + mcs**2), rows, dy)  # (D, K, H)
+            profile_x = _lateral_profiles(centre_x, np.sqrt(sub_x**2 + mcs**2), cols, dx)  # (D, K, W)
         weighted = profile_y * torch.from_numpy(idd * _GY_PER_1E9).float()[:, :, None]
         out[:depth_count] = torch.bmm(weighted.transpose(1, 2), profile_x).numpy()
