@@ -157,3 +157,45 @@ def test_dicom_ct_keeps_its_geometry(dicom_ct):
     np.testing.assert_allclose(ct.direction, np.eye(3))
     np.testing.assert_allclose(ct.hu, phantom_hu())
     assert ct.info["PatientID"] == "PT001" and ct.patient_position == "HFS" and "FrameOfReferenceUID" in ct.info
+
+
+def test_spots_follow_their_rays_from_the_virtual_source(analytic):
+    """An off-axis spot's dose moves outwards with depth as X * s / SAD (the beam model's SMX 2,234.8 mm across,
+    SMY 1,859.1 mm along the gantry axis); parallel beams keep it at X. Integral dose is the same."""
+    from dota.engines.analytic import beam_model_source_axis_mm
+
+    smy, smx = beam_model_source_axis_mm()
+    hu = np.full((60, 100, 60), -1000.0, np.float32)
+    hu[:, 4:, :] = 0.0  # water from 92 mm before the isocentre (y = 0) on
+    ct = ct_from_array(hu, (2.0, 2.0, 2.0), origin_mm=(-59.0, -99.0, -59.0))
+    plan = Plan([Beam("b", 0.0, 0.0, (0.0, 0.0, 0.0), [EnergyLayer(150.0, [[40.0, -30.0]], [1.0])])])
+    fan = compute_plan_dose(ct, plan, analytic).dose_gy
+    par = compute_plan_dose(ct, plan, analytic, diverging=False).dose_gy
+    assert fan.sum() == pytest.approx(par.sum(), rel=1e-3)
+    for j in (6, 40, 70):  # slabs at y = -87, -19, +41 mm: depth s = y from the isocentre
+        y = -99.0 + 2.0 * j
+        for dose, factor in ((fan, 1.0), (par, 0.0)):
+            sl = dose[:, j, :].astype(np.float64)
+            kk, ii = np.indices(sl.shape)
+            x_c = (sl * (-59.0 + 2.0 * ii)).sum() / sl.sum()
+            z_c = (sl * (-59.0 + 2.0 * kk)).sum() / sl.sum()
+            assert x_c == pytest.approx(40.0 * (1 + factor * y / smx), abs=0.15)
+            assert z_c == pytest.approx(-30.0 * (1 + factor * y / smy), abs=0.15)
+
+
+def test_sheared_cut_and_deposit():
+    from dota.plan import bev
+
+    grid = np.arange(10 * 8 * 8, dtype=np.float32).reshape(10, 8, 8)
+    w = bev.SpotWindow(1, 2, 2, (0.0, 0.0))
+    shifts = np.array([[0, 0], [0, 0], [1, -1], [1, -1], [2, 1]])
+    block = bev.cut_block(grid, w, (5, 3, 3), shifts)
+    for slice_, (dr, dc) in enumerate(shifts):
+        np.testing.assert_array_equal(block[slice_], grid[1 + slice_, 2 + dr:5 + dr, 2 + dc:5 + dc])
+    dose = np.zeros((10, 8, 8))
+    frac = shifts + np.array([[0.25, -0.5]])
+    bev.deposit_window(dose, w, np.ones((5, 3, 3)), frac)
+    np.testing.assert_allclose(dose.sum(axis=(1, 2))[1:6], 9.0)  # each slice keeps its dose
+    rows = np.arange(8)[None, :, None] * np.ones((1, 1, 8))
+    centre_rows = (dose[1:6] * rows).sum(axis=(1, 2)) / 9.0
+    np.testing.assert_allclose(centre_rows, 3.0 + frac[:, 0])  # the axis of each slice moved by its shift

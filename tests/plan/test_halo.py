@@ -110,7 +110,7 @@ class InBlockEngine(DoseEngine):
     """The analytic dose, declared as in-block Monte Carlo: plan dose adds its halo."""
 
     name = "in-block"
-    needs_halo = True
+    mcsquare_blocks = True
 
     def __init__(self):
         self.inner = get_engine("analytic")
@@ -132,12 +132,12 @@ def test_plan_dose_adds_the_halo_only_for_in_block_engines():
     plan = Plan([Beam("b", 0.0, 0.0, (0.0, 0.0, 0.0), [EnergyLayer(120.0, xy, np.ones(9))])])
     plain = compute_plan_dose(ct, plan, get_engine("analytic"))
     assert plain.stats["halo"] is False and "halo_fraction" not in plain.stats
-    with_halo = compute_plan_dose(ct, plan, InBlockEngine())
+    with_halo = compute_plan_dose(ct, plan, InBlockEngine(), entrance_spot=False)
     assert with_halo.stats["halo"] is True and "halo" in with_halo.timings_s
     added = with_halo.dose_gy.sum(dtype=np.float64) / plain.dose_gy.sum(dtype=np.float64) - 1.0
     assert 0.025 < added < 0.06  # the table's 3-5 %
     assert with_halo.stats["halo_fraction"] == pytest.approx(added / (1 + added), rel=0.05)
-    off = compute_plan_dose(ct, plan, InBlockEngine(), halo=False)
+    off = compute_plan_dose(ct, plan, InBlockEngine(), halo=False, entrance_spot=False)
     np.testing.assert_array_equal(off.dose_gy, plain.dose_gy)
     # the added dose lies outside the spots' blocks: far off the field it is the only dose
     far = np.abs(ct.index_to_patient(np.argwhere(np.ones(ct.shape, bool)))[:, 0]).reshape(ct.shape) > 50
@@ -147,7 +147,51 @@ def test_plan_dose_adds_the_halo_only_for_in_block_engines():
 def test_which_engines_need_the_halo():
     from dota.engines.learned import LearnedEngine
 
-    assert get_engine("analytic").needs_halo is False
-    assert LearnedEngine().needs_halo is True  # the shipped model learned MCsquare's in-block dose
-    assert LearnedEngine("tiny").needs_halo is False
-    assert LearnedEngine("tiny", halo=True).needs_halo is True
+    assert get_engine("analytic").mcsquare_blocks is False
+    assert LearnedEngine().mcsquare_blocks is True  # the shipped model learned MCsquare's in-block dose
+    assert LearnedEngine("tiny").mcsquare_blocks is False
+    assert LearnedEngine("tiny", mcsquare_blocks=True).mcsquare_blocks is True
+
+
+def test_entrance_spot_delta_follows_the_beam_model():
+    from dota.engines.analytic import beam_model_spot
+    from dota.plan.dose import entrance_spot_delta_mm2
+
+    assert entrance_spot_delta_mm2(150.0, 0.0) == pytest.approx((0.0, 0.0), abs=1e-12)
+    rows, cols = entrance_spot_delta_mm2(150.0, 100.0)
+    (_, r0, c0), _ = beam_model_spot(150.0)
+    (_, r1, c1), _ = beam_model_spot(150.0, 100.0)
+    assert (rows, cols) == pytest.approx((r0**2 - r1**2, c0**2 - c1**2))
+    assert 0 < rows < cols  # narrower upstream, more so across the gantry axis (the beam model's x)
+    assert entrance_spot_delta_mm2(150.0, -50.0)[1] < 0  # beyond the isocentre the spot is wider
+
+
+def test_entrance_correction_keeps_the_integral_and_narrows_by_delta():
+    """f - delta/2 f'' lowers the variance by exactly delta (summation by parts), integral unchanged."""
+    from dota.plan.dose import _entrance_spot_correction, entrance_spot_delta_mm2
+
+    x = (np.arange(24) - 11.5) * 2.0
+    g = np.exp(-0.5 * x**2 / 16.0)
+    block = np.repeat((g[:, None] * g[None, :])[None], 5, axis=0)[None]  # (1, L, H, W)
+    out = _entrance_spot_correction(block[0], block, np.ones(1), np.array([150.0]), 100.0, VOXEL)
+    d_rows, d_cols = np.array(entrance_spot_delta_mm2(150.0, 100.0)) + 4.0 / 6.0
+    np.testing.assert_allclose(out.sum(axis=(1, 2)), block[0].sum(axis=(1, 2)), rtol=1e-6)
+
+    def var(a, axis):
+        p = a[0].sum(axis=1 - axis)
+        return (p * x**2).sum() / p.sum()
+
+    assert var(block[0], 0) - var(out, 0) == pytest.approx(d_rows, rel=1e-3)
+    assert var(block[0], 1) - var(out, 1) == pytest.approx(d_cols, rel=1e-3)
+
+
+def test_plan_dose_corrects_the_entrance_spot_for_mcsquare_blocks_only():
+    ct = _water_ct()
+    plan = Plan([Beam("b", 0.0, 0.0, (0.0, 0.0, 0.0), [EnergyLayer(150.0, [[0.0, 0.0]], [1.0])])])
+    plain = compute_plan_dose(ct, plan, InBlockEngine(), halo=False, entrance_spot=False)
+    sharp = compute_plan_dose(ct, plan, InBlockEngine(), halo=False)
+    assert sharp.stats["entrance_spot"] is True and plain.stats["entrance_spot"] is False
+    assert get_engine("analytic").mcsquare_blocks is False
+    np.testing.assert_allclose(sharp.dose_gy.sum(dtype=np.float64), plain.dose_gy.sum(dtype=np.float64), rtol=2e-3)
+    assert sharp.dose_gy.max() > 1.03 * plain.dose_gy.max()  # the block enters ~70 mm before the isocentre
+    assert sharp.dose_gy.min() >= 0.0

@@ -114,9 +114,9 @@ def _lattice_profiles(idx_r: np.ndarray, idx_c: np.ndarray, sigma_mm: np.ndarray
 SPOT_MODELS: tuple[str, ...] = ("dota", "beam-model")
 
 
-def beam_model_spot(energy_mev: float) -> list[tuple[float, float, float]]:
-    """The MCsquare beam model's spot at the isocentre (the block entrance): ``[(weight, sigma_rows_mm,
-    sigma_cols_mm)]`` for its core and halo Gaussians.
+def beam_model_spot(energy_mev: float, upstream_mm: float = 0.0) -> list[tuple[float, float, float]]:
+    """The MCsquare beam model's spot at the isocentre (the block entrance), or ``upstream_mm`` before it
+    (negative: beyond it): ``[(weight, sigma_rows_mm, sigma_cols_mm)]`` for its core and halo Gaussians.
 
     Each Gaussian's parameters are interpolated linearly in nominal energy (as MCsquare does) and
     propagated through air from the nozzle exit: ``sigma^2 = s^2 + 2 rho s theta d + theta^2 d^2``
@@ -133,7 +133,8 @@ def beam_model_spot(energy_mev: float) -> list[tuple[float, float, float]]:
 
     def sigma(axis: str, n: int) -> float:
         s, t, rho = col(f"SpotSize{n}{axis}"), col(f"Divergence{n}{axis}"), col(f"Correlation{n}{axis}")
-        return math.sqrt(s * s + 2.0 * rho * s * t * distance + (t * distance) ** 2)
+        d = distance - float(upstream_mm)
+        return math.sqrt(max(s * s + 2.0 * rho * s * t * d + (t * d) ** 2, 0.0))
 
     w1 = col("Weight1")
     return [(w1, sigma("y", 1), sigma("x", 1)), (1.0 - w1, sigma("y", 2), sigma("x", 2))]
@@ -154,6 +155,23 @@ def _beam_model_table() -> tuple[np.ndarray, tuple[str, ...], float]:
             raise InputError(f"{beam_model_path()} does not give the nozzle-to-isocentre distance")
         _BEAM_MODEL_CACHE.append((bm.table, bm.columns, float(found.group(1))))
     return _BEAM_MODEL_CACHE[0]
+
+
+def beam_model_source_axis_mm() -> tuple[float, float]:
+    """The beam model's virtual source to isocentre distances (rows: its y, "SMY"; columns: its x, "SMX"), mm:
+    where the scanning magnets deflect the beam, so spots fan out from there."""
+    import re
+
+    from dota.engines.mcsquare import beam_model_path, read_beam_model
+
+    header = read_beam_model(beam_model_path()).header
+    out = []
+    for axis in ("SMY", "SMX"):
+        found = re.search(axis + r" to Isocenter distance\s+([0-9.]+)", header)
+        if not found:
+            raise InputError(f"{beam_model_path()} does not give the {axis}-to-isocentre distance")
+        out.append(float(found.group(1)))
+    return out[0], out[1]
 
 
 class AnalyticEngine(DoseEngine):

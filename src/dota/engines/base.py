@@ -57,9 +57,11 @@ class DoseEngine(abc.ABC):
     seed: int = 0  # master seed of an engine that samples: beamlet i gets beamlet_seed(seed, i) unless seeded
     hu_calibration: str = ""
     energy_range_mev: tuple[float, float] = (70.0, 225.0)
-    #: Whether the engine's beamlets are Monte Carlo dose inside the block only, so that a plan adds the
-    #: dose a spot puts outside its block (:mod:`dota.plan.halo`): MCsquare blocks and models trained on them.
-    needs_halo: bool = False
+    #: Whether the engine's beamlets are MCsquare single-spot blocks (or a model trained on them): the
+    #: dose inside the block only, with the beam model's isocentre spot at the block's entrance. Plan dose
+    #: then adds what a spot puts outside its block (:mod:`dota.plan.halo`) and corrects each block for the
+    #: spot's size where it really enters (upstream of the isocentre: :mod:`dota.plan.dose`).
+    mcsquare_blocks: bool = False
 
     @abc.abstractmethod
     def dose(

@@ -19,15 +19,16 @@ class LearnedEngine(DoseEngine):
     ``"cuda"`` or ``"auto"`` (CUDA when available; :func:`dota.runtime.resolve_device`). A loaded model
     stays where it is.
 
-    ``needs_halo`` (plans add the dose outside each block, :mod:`dota.plan.halo`) is true for the shipped
-    model (trained on MCsquare blocks, as its card records), false for other models unless ``halo=True``.
+    ``mcsquare_blocks`` (:attr:`DoseEngine.mcsquare_blocks`: plans add the dose outside each block and
+    correct the entrance spot size) is true for the shipped model (trained on MCsquare blocks, as its card
+    records), false for other models unless ``mcsquare_blocks=True``.
     """
 
     name = "dota"
     primaries = 0
 
     def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 16, seed: int = 0,
-                 halo: bool | None = None) -> None:
+                 mcsquare_blocks: bool | None = None) -> None:
         from dota import __version__
         from dota.checkpoint import DEFAULT_MODEL, load_model
         from dota.inference import InferenceEngine
@@ -47,7 +48,7 @@ class LearnedEngine(DoseEngine):
         self.hu_calibration = "learned (trained on the reference engine's calibration)"
         self.energy_range_mev = tuple(self.model.normalization.energy_range_mev)
         self.source = str(model)
-        self.needs_halo = _trained_on_mcsquare(model) if halo is None else bool(halo)
+        self.mcsquare_blocks = _trained_on_mcsquare(model) if mcsquare_blocks is None else bool(mcsquare_blocks)
 
     def dose(self, geometry_hu: np.ndarray, energies_mev: np.ndarray, voxel_mm=VOXEL_MM, *,
              seeds: Sequence[int] | None = None) -> np.ndarray:
@@ -60,7 +61,7 @@ class LearnedEngine(DoseEngine):
 
 def _trained_on_mcsquare(model: object) -> bool:
     """Whether ``model`` is the shipped default model and its card lists MCsquare training data. Other
-    checkpoints do not record their data's engine: pass ``halo=True`` for a model trained on MCsquare."""
+    checkpoints do not record their data's engine: pass ``mcsquare_blocks=True`` for a model trained on MCsquare."""
     import json
     from importlib import resources
 

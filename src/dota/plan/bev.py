@@ -174,9 +174,28 @@ def spot_windows(grid: BeamGrid, first_body: np.ndarray, positions_mm: np.ndarra
     return out
 
 
-def cut_block(hu_grid: np.ndarray, window: SpotWindow, block_shape: tuple[int, int, int] = BLOCK_SHAPE) -> np.ndarray:
-    """The spot's (L, H, W) HU block from the beam grid, air beyond the grid's end."""
+def shift_runs(shifts: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Runs ``(start, stop, rows, cols)`` of block slices sharing one integer lateral shift ((L, 2) ints)."""
+    shifts = np.asarray(shifts, dtype=np.int64)
+    change = np.nonzero(np.any(np.diff(shifts, axis=0) != 0, axis=1))[0] + 1
+    bounds = np.concatenate([[0], change, [len(shifts)]])
+    return [(int(a), int(b), int(shifts[a, 0]), int(shifts[a, 1])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def cut_block(hu_grid: np.ndarray, window: SpotWindow, block_shape: tuple[int, int, int] = BLOCK_SHAPE,
+              shifts: np.ndarray | None = None) -> np.ndarray:
+    """The spot's (L, H, W) HU block from the beam grid, air beyond the grid's end. ``shifts`` (L, 2) integer
+    (rows, cols) offsets per slice shear the block onto a diverging ray (:func:`dota.plan.dose.compute_plan_dose`)."""
     length, height, width = block_shape
+    if shifts is not None and np.any(shifts):
+        block = np.full(block_shape, HU_AIR, dtype=np.float32)
+        for a, b, dr, dc in shift_runs(shifts):
+            a_g, b_g = window.p0 + a, min(window.p0 + b, hu_grid.shape[0])
+            if b_g <= a_g:
+                break
+            r0, c0 = window.r0 + dr, window.c0 + dc
+            block[a:a + b_g - a_g] = hu_grid[a_g:b_g, r0:r0 + height, c0:c0 + width]
+        return block
     part = hu_grid[window.p0:window.p0 + length, window.r0:window.r0 + height, window.c0:window.c0 + width]
     if part.shape[0] == length:
         return np.ascontiguousarray(part)
@@ -207,8 +226,25 @@ def splat_window(block_dose: np.ndarray, residual: tuple[float, float]) -> tuple
     return out, r_off, c_off
 
 
-def deposit_window(dose_grid: np.ndarray, window: SpotWindow, block_dose: np.ndarray) -> None:
-    """Add a spot's (L, H, W) dose block into the beam grid at its window (splatted to its true axis)."""
+def deposit_window(dose_grid: np.ndarray, window: SpotWindow, block_dose: np.ndarray,
+                   shifts: np.ndarray | None = None) -> None:
+    """Add a spot's (L, H, W) dose block into the beam grid at its window (splatted to its true axis).
+    ``shifts`` (L, 2): lateral offsets (voxels, rows and cols) of each slice's axis from the window's, for a
+    block sheared onto a diverging ray; each slice is splatted bilinearly to its own position."""
+    if shifts is not None and np.any(shifts):
+        total = np.asarray(shifts, dtype=np.float64) + np.asarray(window.residual)[None, :]
+        whole = np.floor(total).astype(np.int64)
+        frac = total - whole
+        length, height, width = block_dose.shape
+        fr, fc = frac[:, 0][:, None, None], frac[:, 1][:, None, None]
+        patch = np.zeros((length, height + 1, width + 1), dtype=np.float64)
+        patch[:, :height, :width] += (1 - fr) * (1 - fc) * block_dose
+        patch[:, 1:, :width] += fr * (1 - fc) * block_dose
+        patch[:, :height, 1:] += (1 - fr) * fc * block_dose
+        patch[:, 1:, 1:] += fr * fc * block_dose
+        for a, b, dr, dc in shift_runs(whole):
+            deposit_patch(dose_grid, window.p0 + a, window.r0 + dr, window.c0 + dc, patch[a:b])
+        return
     patch, r_off, c_off = splat_window(block_dose, window.residual)
     p0, r0, c0 = window.p0, window.r0 + r_off, window.c0 + c_off
     depth = min(patch.shape[0], dose_grid.shape[0] - p0)

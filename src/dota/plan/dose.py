@@ -11,8 +11,21 @@ geometry between them), their dose is accumulated into the beam's grid at once, 
 dose-influence matrix is built from per-chunk sparse pieces. Stages are timed (``PlanDose.timings_s``):
 ``read`` (done by the caller), ``rotate`` (CT onto the beam grids), ``infer`` (engine calls), ``deposit``
 (accumulation in the beam grids and the trilinear carry back to the CT), ``halo`` (the dose spots put
-outside their blocks, :mod:`dota.plan.halo`, for engines whose blocks hold only in-block Monte Carlo
-dose), ``dij`` (sparse matrix; it holds the in-block dose only).
+outside their blocks, :mod:`dota.plan.halo`), ``dij`` (sparse matrix; it holds the in-block dose only).
+
+Engines whose beamlets are MCsquare single-spot blocks (``engine.mcsquare_blocks``: the MCsquare beamlet
+engine and the shipped DoTA model, trained on it) simulate each block with the beam model's isocentre
+spot at the block's entrance. In a plan a block enters ``u`` mm upstream of its beam's isocentre, where
+the beam model's spot is narrower (its sigma^2 smaller by ``delta = sigma_iso^2 - sigma(u)^2``, e.g. 1.3 mm^2
+across and 0.5 mm^2 along the gantry axis at 150 MeV and 100 mm; MCsquare's own plan simulation has the
+narrower spot). Each spot's summed block is therefore corrected to first order in ``delta``, the inverse
+of a Gaussian blur: ``D - delta_rows/2 d2D/drow2 - delta_cols/2 d2D/dcol2`` (central second differences,
+per energy layer's ``delta``, integral kept), and the plan dose is clipped at zero. The same step
+pre-compensates the lateral blur of the carry into the CT (trilinear interpolation averaged over
+sub-points: a tent of variance ``h^2/6``, 0.67 mm^2 for the 2 mm grid), which MCsquare's own scoring on the
+CT grid does not have. Measured on one 144 MeV layer of the liver plan (3 x 3 x 2.5 mm CT): MCsquare
+beamlets summed by this pipeline without the correction had a 10 % lower maximum than MCsquare's own
+plan at the same integral dose; the default model 10 % lower without it, 3 % lower with it.
 """
 
 from __future__ import annotations
@@ -105,6 +118,8 @@ def compute_plan_dose(
     voxel_mm: tuple[float, float, float] = VOXEL_MM,
     timer: StageTimer | None = None,
     halo: bool | None = None,
+    entrance_spot: bool | None = None,
+    diverging: bool = True,
 ) -> PlanDose:
     """Dose of ``plan`` on ``ct``'s grid with a beamlet ``engine`` (see the module docstring).
 
@@ -116,14 +131,24 @@ def compute_plan_dose(
     dij, dij_mask, dij_threshold
         Also build the dose-influence matrix (:class:`~dota.plan.dij.DoseInfluence`, Gy per MU per
         fraction), keeping only CT voxels where ``dij_mask`` is true (all when None) and, per beamlet,
-        values above ``dij_threshold`` times that beamlet's maximum.
+        values above ``dij_threshold`` times that beamlet's maximum. The matrix holds each beamlet's own
+        block, parallel and uncorrected, and so does the dose computed with it: no halo, entrance-spot
+        correction or divergence (``dota plan`` optimises on it; ``dota dose`` recomputes the plan with them).
     supersample
         Sub-points per axis when carrying dose into CT voxels (default ``ceil(spacing / 2 mm)``).
     keep_beam_doses
         Also return each beam's dose (``PlanDose.beam_dose_gy``).
     halo
         Add the dose each spot puts outside its block (:mod:`dota.plan.halo`); default: when the engine's
-        blocks hold only in-block Monte Carlo dose (``engine.needs_halo``: the shipped DoTA model, MCsquare).
+        blocks hold only in-block Monte Carlo dose (``engine.mcsquare_blocks``: the shipped DoTA model, MCsquare).
+    entrance_spot
+        Correct each block for the beam model's spot size where the block really enters (module docstring);
+        default ``engine.mcsquare_blocks``.
+    diverging
+        Send each spot along its ray from the beam model's virtual source (its SMY and SMX distances: 1.86
+        and 2.23 m from the isocentre, where the scanning magnets deflect the beam): each block is sheared
+        slice by slice onto the ray, in the CT it is cut from and in the dose it leaves (module docstring);
+        False: parallel beams. The dose-influence matrix is built from parallel blocks.
     """
     from dota.plan.dij import DijBuilder
 
@@ -136,11 +161,22 @@ def compute_plan_dose(
         raise InputError(f"dij mask shape {dij_mask.shape} differs from the CT's {ct.shape}")
     total = np.zeros(ct.shape, dtype=np.float32)
     builder = DijBuilder(ct.shape, plan.n_spots, dij_mask, dij_threshold) if dij else None
+    if dij:  # the dose-influence matrix holds each beamlet's own block, parallel and uncorrected
+        if halo or entrance_spot:
+            raise InputError("the dose-influence matrix is built from parallel, uncorrected blocks: "
+                             "halo and entrance_spot cannot be requested with it")
+        halo, entrance_spot, diverging = False, False, False
     stats: dict[str, Any] = {"beams": len(plan.beams), "spot_energies": plan.n_spots, "spot_positions": 0,
                              "engine_calls": 0, "missed_spot_energies": 0, "truncated_spot_energies": 0,
                              "max_lateral_residual_mm": 0.0, "engine": getattr(engine, "name", "?"),
-                             "halo": bool(getattr(engine, "needs_halo", False) if halo is None else halo),
-                             "halo_gy_mm3": 0.0, "beam_grid_gy_mm3": 0.0}
+                             "halo": bool(getattr(engine, "mcsquare_blocks", False) if halo is None else halo),
+                             "entrance_spot": bool(getattr(engine, "mcsquare_blocks", False)
+                                                   if entrance_spot is None else entrance_spot),
+                             "halo_gy_mm3": 0.0, "beam_grid_gy_mm3": 0.0, "source_axis_mm": None}
+    if diverging:
+        from dota.engines.analytic import beam_model_source_axis_mm
+
+        stats["source_axis_mm"] = beam_model_source_axis_mm()
     beam_doses = []
     column = 0
     for b in plan.beams:
@@ -156,6 +192,8 @@ def compute_plan_dose(
     if stats["missed_spot_energies"]:
         log.warning("%d spot-energies miss the patient (no body voxel in their block) and were skipped",
                     stats["missed_spot_energies"])
+    if stats["entrance_spot"]:
+        np.maximum(total, 0.0, out=total)  # the first-order sharpening can dip below zero far out in the tails
     stats["max_dose_gy"] = float(total.max())
     if stats["halo"]:  # share of the integral dose (in the beam grids) added outside the blocks
         stats["halo_fraction"] = round(stats["halo_gy_mm3"] / max(stats["beam_grid_gy_mm3"], 1e-30), 5)
@@ -190,12 +228,20 @@ def _beam_dose(ct: PatientCT, beam: Beam, fractions: int, engine: Any, timer: St
         if tuple(table.block_hw) != tuple(block_shape[1:]):
             raise InputError(f"the halo table is for {table.block_hw} blocks, not {block_shape[1:]}")
         halo = (table, ring_norms(table, voxel_mm), (table.grid_hw[0] - block_shape[1]) // 2)
+    shear_pad = 0
+    if stats["source_axis_mm"] is not None:  # the largest lateral shift of a ray from its parallel block
+        depth = np.abs((ct.corners_mm() - np.asarray(beam.isocenter_mm)) @ axes.direction).max() + block_shape[0] * voxel_mm[0]
+        ratio = max(np.abs(uniq[:, 1]).max() / stats["source_axis_mm"][0], np.abs(uniq[:, 0]).max() / stats["source_axis_mm"][1])
+        shear_pad = int(np.ceil(ratio * depth / min(voxel_mm[1:]))) + 1
     with timer("rotate"):
         grid = bev.make_beam_grid(ct, axes, beam.isocenter_mm, uniq, block_shape, voxel_mm,
-                                  pad=0 if halo is None else halo[2])
+                                  pad=(0 if halo is None else halo[2]) + shear_pad)
+        # depth of slice 0's centre along the beam, from the isocentre (the blocks' entrances are upstream)
+        s0 = float((grid.origin_mm - grid.isocenter_mm) @ grid.axes[0]) if stats["entrance_spot"] else None
         hu_grid = bev.resample_ct_to_grid(ct, grid)
         first = bev.first_body_slice(hu_grid)
         windows = bev.spot_windows(grid, first, uniq, block_shape)
+        shifts = _ray_shifts(grid, windows, uniq, stats["source_axis_mm"], block_shape[0])
         carrier = bev.GridToCT(ct, grid, supersample)
     dose_grid = np.zeros(grid.shape, dtype=np.float64)
     length, height, width = block_shape
@@ -214,13 +260,13 @@ def _beam_dose(ct: PatientCT, beam: Beam, fractions: int, engine: Any, timer: St
             stats["max_lateral_residual_mm"] = max(stats["max_lateral_residual_mm"], float(res_mm.max()))
             if chunk and count + len(groups[gi]) > max_per_call:
                 _run_chunk(chunk, hu_grid, windows, groups, energies, protons, engine, dose_grid, carrier, builder,
-                           column0, timer, stats, block_shape, voxel_mm, bar, centre, hu_to_rsp, csda_range_mm, halo)
+                           column0, timer, stats, block_shape, voxel_mm, bar, centre, hu_to_rsp, csda_range_mm, halo, s0, shifts)
                 chunk, count = [], 0
             chunk.append(gi)
             count += len(groups[gi])
         if chunk:
             _run_chunk(chunk, hu_grid, windows, groups, energies, protons, engine, dose_grid, carrier, builder,
-                       column0, timer, stats, block_shape, voxel_mm, bar, centre, hu_to_rsp, csda_range_mm, halo)
+                       column0, timer, stats, block_shape, voxel_mm, bar, centre, hu_to_rsp, csda_range_mm, halo, s0, shifts)
     finally:
         bar.close()
     stats["beam_grid_gy_mm3"] += float(dose_grid.sum()) * float(np.prod(voxel_mm))
@@ -230,13 +276,65 @@ def _beam_dose(ct: PatientCT, beam: Beam, fractions: int, engine: Any, timer: St
     return out
 
 
+def _ray_shifts(grid: bev.BeamGrid, windows: list, positions_mm: np.ndarray, source_axis_mm: tuple[float, float] | None,
+                length: int) -> list[np.ndarray | None]:
+    """Per spot, the (L, 2) lateral offsets (voxels; rows, cols) of its ray from the virtual source, at each
+    of its block's slices, from the parallel block's axis: ``(Y, X) * s / SAD`` at depth ``s`` from the
+    isocentre (None for every spot of a parallel beam or a missed one)."""
+    if source_axis_mm is None:
+        return [None] * len(windows)
+    dd, dr, dc = grid.voxel_mm
+    s0 = float((grid.origin_mm - grid.isocenter_mm) @ grid.axes[0])  # depth of slice 0's centre
+    out: list[np.ndarray | None] = []
+    for w, (x, y) in zip(windows, np.asarray(positions_mm, dtype=np.float64)):
+        if w is None:
+            out.append(None)
+            continue
+        s = s0 + (w.p0 + np.arange(length)) * dd
+        out.append(np.stack([y * s / source_axis_mm[0] / dr, x * s / source_axis_mm[1] / dc], axis=1))
+    return out
+
+
+def entrance_spot_delta_mm2(energy_mev: float, upstream_mm: float) -> tuple[float, float]:
+    """``sigma^2`` of the beam model's core spot at the isocentre minus at ``upstream_mm`` before it, (rows, cols) mm^2."""
+    from dota.engines.analytic import beam_model_spot
+
+    (_, iso_r, iso_c), _ = beam_model_spot(energy_mev)
+    (_, up_r, up_c), _ = beam_model_spot(energy_mev, upstream_mm)
+    return iso_r**2 - up_r**2, iso_c**2 - up_c**2
+
+
+def _second_difference(a: np.ndarray, axis: int) -> np.ndarray:
+    """Central second difference along ``axis`` with zero outside (sums to zero less the edge flux)."""
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (1, 1)
+    p = np.pad(a, pad)
+    n = a.shape[axis]
+    take = lambda lo: np.take(p, np.arange(lo, lo + n), axis=axis)  # noqa: E731
+    return take(0) - 2.0 * a + take(2)
+
+
+def _entrance_spot_correction(spot: np.ndarray, part: np.ndarray, scale: np.ndarray, energies: np.ndarray,
+                              upstream_mm: float, voxel_mm: tuple[float, float, float]) -> np.ndarray:
+    """A spot's summed block corrected to first order for the narrower spot at its real entrance (module docstring)."""
+    deltas = np.array([entrance_spot_delta_mm2(float(e), upstream_mm) for e in energies])  # (n, 2)
+    deltas = deltas + np.array([voxel_mm[1] ** 2, voxel_mm[2] ** 2]) / 6.0  # the carry's interpolation blur
+    g_rows = np.tensordot(scale * deltas[:, 0], part, axes=(0, 0))
+    g_cols = np.tensordot(scale * deltas[:, 1], part, axes=(0, 0))
+    dy, dx = voxel_mm[1], voxel_mm[2]
+    return spot - 0.5 * (_second_difference(g_rows, 1) / dy**2 + _second_difference(g_cols, 2) / dx**2)
+
+
 def _run_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: list[np.ndarray], energies: np.ndarray,
                protons: np.ndarray, engine: Any, dose_grid: np.ndarray, carrier: bev.GridToCT, builder: Any,
                column0: int, timer: StageTimer, stats: dict[str, Any], block_shape: tuple[int, int, int],
                voxel_mm: tuple[float, float, float], bar: Any, centre: tuple[slice, slice], hu_to_rsp: Any,
-               csda_range_mm: Any, halo: tuple | None = None) -> None:
+               csda_range_mm: Any, halo: tuple | None = None, s0: float | None = None,
+               shifts: list | None = None) -> None:
+    shifts = shifts if shifts is not None else [None] * len(windows)
     with timer("rotate"):
-        blocks = [bev.cut_block(hu_grid, windows[gi], block_shape) for gi in chunk]
+        blocks = [bev.cut_block(hu_grid, windows[gi], block_shape,
+                                None if shifts[gi] is None else np.rint(shifts[gi]).astype(np.int64)) for gi in chunk]
         geometry = np.concatenate([np.repeat(blk[None], len(groups[gi]), axis=0) for blk, gi in zip(blocks, chunk)])
     idx = np.concatenate([groups[gi] for gi in chunk])
     # each spot-energy its own seed, from its index in the plan (not in this call): chunks and beams never
@@ -253,7 +351,11 @@ def _run_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: lis
             n = len(groups[gi])
             part = dose[start:start + n]
             spot = np.tensordot(scale[start:start + n], part, axes=(0, 0))
-            bev.deposit_window(dose_grid, windows[gi], spot)
+            if s0 is not None:
+                upstream = -(s0 + (windows[gi].p0 - 0.5) * voxel_mm[0])  # the block's entrance face
+                spot = _entrance_spot_correction(spot, part, scale[start:start + n], energies[groups[gi]], upstream,
+                                                 voxel_mm)
+            bev.deposit_window(dose_grid, windows[gi], spot, shifts[gi])
             # range check along the block's central columns
             steps = hu_to_rsp(blk[:, centre[0], centre[1]]).mean(axis=(1, 2)) * voxel_mm[0]
             wed_end = float(steps.sum())
@@ -270,7 +372,11 @@ def _run_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: lis
                 wed = np.cumsum(steps) - 0.5 * steps  # at slice centres
                 w = windows[gi]
                 patch = halo_patch(in_block, wed, energies[groups[gi]], table, voxel_mm, w.residual, norms)
-                bev.deposit_patch(dose_grid, w.p0, w.r0 - pad, w.c0 - pad, patch)
+                if shifts[gi] is None:
+                    bev.deposit_patch(dose_grid, w.p0, w.r0 - pad, w.c0 - pad, patch)
+                else:  # along the spot's ray, to the nearest voxel (the halo is wide)
+                    for a, b, dr, dc in bev.shift_runs(np.rint(shifts[gi]).astype(np.int64)):
+                        bev.deposit_patch(dose_grid, w.p0 + a, w.r0 - pad + dr, w.c0 - pad + dc, patch[a:b])
                 stats["halo_gy_mm3"] += float(patch.sum()) * float(np.prod(voxel_mm))
     if builder is not None:
         with timer("dij"):

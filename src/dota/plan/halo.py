@@ -21,7 +21,7 @@ own in-block dose) and ``w`` (the block's central-axis water-equivalent depth). 
 than the window (``HALO_HALF_WIDTH_MM`` from the spot axis) is not added; the dose-influence matrix
 holds the in-block dose only.
 
-Which engines need it: those whose beamlets are in-block Monte Carlo (``DoseEngine.needs_halo``: the
+Which engines need it: those whose beamlets are in-block Monte Carlo (``DoseEngine.mcsquare_blocks``: the
 DoTA engine, trained on MCsquare blocks, and the MCsquare beamlet engine); the analytic engine counts the
 energy of secondaries locally and does not.
 """

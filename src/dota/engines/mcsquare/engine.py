@@ -61,7 +61,7 @@ class MCsquareEngine(DoseEngine):
     """
 
     name = "mcsquare"
-    needs_halo = True  # its blocks hold only the in-block part of the spot's dose
+    mcsquare_blocks = True  # in-block dose only, the isocentre spot at the block entrance
 
     def __init__(self, primaries: int = MCSQUARE_DEFAULT_PRIMARIES, threads: int = 1, seed: int = 1,
                  hu_calibration: str = "dota", cache_dir: str | os.PathLike | None = None,
