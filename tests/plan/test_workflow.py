@@ -116,3 +116,18 @@ def test_dose_command_errors_are_one_line(dicom_ct, tmp_path, capsys):
     assert "choose .dcm (RTDOSE)" in err and "\n" not in err
     assert main(["plan", "--ct", str(dicom_ct), "--target", "sphere:500,0,0,5", "--out", str(tmp_path / "p.dcm")]) == 2
     assert "holds no CT voxel" in capsys.readouterr().err
+
+
+def test_dose_options_for_parallel_beams_and_no_block_corrections(made_plan, dicom_ct, tmp_path):
+    runs = {}
+    for name, extra in (("fan", []), ("parallel", ["--parallel-beams", "--no-block-corrections"])):
+        out = tmp_path / name
+        code = main(["dose", "--ct", str(dicom_ct), "--plan", str(made_plan / "plan.dcm"), "--engine", "analytic",
+                     "--out", str(out / "dose.mhd"), "--summary", str(out / "s.json"), "--no-progress", *extra])
+        assert code == 0
+        runs[name] = (json.loads((out / "s.json").read_text()),
+                      sitk.GetArrayFromImage(sitk.ReadImage(str(out / "dose.mhd"))).astype(np.float64))
+    assert runs["fan"][0]["source_axis_mm"] == [1859.1, 2234.8] and runs["parallel"][0]["source_axis_mm"] is None
+    assert runs["fan"][0]["halo"] is False and runs["fan"][0]["entrance_spot"] is False  # analytic: no MCsquare blocks
+    fan, par = runs["fan"][1], runs["parallel"][1]
+    assert fan.sum() == pytest.approx(par.sum(), rel=0.01) and np.abs(fan - par).max() > 1e-3 * fan.max()

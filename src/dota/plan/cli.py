@@ -37,6 +37,7 @@ def cmd_dose(args: argparse.Namespace) -> int:
         seed=args.seed, primaries=args.primaries, threads=args.threads, structures=args.structure,
         dvh_csv=args.dvh, prescription_gy=args.prescription, reference=args.reference, report_dir=args.report,
         dij_path=args.dij, dij_threshold=args.dij_threshold, max_beamlets_per_call=args.max_beamlets_per_call,
+        parallel_beams=args.parallel_beams, block_corrections=not args.no_block_corrections,
         progress=not args.no_progress, summary_path=args.summary, overwrite=args.overwrite,
     )
     _print_summary(summary, ("beams", "spot_energies", "spot_positions", "engine_calls", "max_dose_gy",
@@ -90,6 +91,12 @@ def add_commands(sub: argparse._SubParsersAction, add_common: Callable[..., None
                    "correction or halo: docs/plans.md)")
     p.add_argument("--dij-threshold", type=float, default=1e-3,
                    help="drop dij values below this fraction of each beamlet's maximum (default 1e-3)")
+    p.add_argument("--parallel-beams", action="store_true",
+                   help="send every spot along the beam axis instead of along its ray from the beam model's "
+                   "virtual source (for comparison; docs/plans.md)")
+    p.add_argument("--no-block-corrections", action="store_true",
+                   help="leave out the halo outside each block and the entrance-spot correction that engines "
+                   "with MCsquare blocks (the default model, mcsquare) get (for comparison; docs/plans.md)")
     p.add_argument("--max-beamlets-per-call", type=positive_int, default=128,
                    help="bound on beamlets per engine call (memory; default 128)")
     p.add_argument("--summary", type=Path, help="write the run's summary (statistics, timings) as JSON")

@@ -192,8 +192,12 @@ def run_dose(
     progress: bool = True,
     summary_path: str | os.PathLike | None = None,
     overwrite: bool = False,
+    parallel_beams: bool = False,
+    block_corrections: bool = True,
 ) -> dict[str, Any]:
-    """``dota dose``: see the module docstring. Returns a summary (paths, statistics, timings), also written
+    """``dota dose``: see the module docstring. ``parallel_beams`` sends every spot along the beam axis
+    (no virtual source); ``block_corrections=False`` leaves out the halo and the entrance-spot correction
+    of engines with MCsquare blocks (:func:`dota.plan.dose.compute_plan_dose`). Returns a summary (paths, statistics, timings), also written
     to ``summary_path`` when given. Every output is checked first (:func:`check_outputs`); existing ones are
     replaced only with ``overwrite``."""
     from dota.plan.doseio import dose_files
@@ -235,8 +239,10 @@ def run_dose(
     else:
         with timer("setup"):
             eng = build_engine(engine, model=model, device=device, seed=seed, primaries=primaries, threads=threads)
+        corrections = None if block_corrections and dij_path is None else False
         result = compute_plan_dose(ct, plan, eng, progress=progress, max_beamlets_per_call=max_beamlets_per_call,
-                                   dij=dij_path is not None, dij_threshold=dij_threshold, timer=timer)
+                                   dij=dij_path is not None, dij_threshold=dij_threshold, timer=timer,
+                                   halo=corrections, entrance_spot=corrections, diverging=not parallel_beams)
         dose, dij = result.dose_gy, result.dij
         summary.update({k: v for k, v in result.stats.items() if k not in ("beams", "spot_energies")})
     with timer("write"):
