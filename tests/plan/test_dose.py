@@ -199,3 +199,11 @@ def test_sheared_cut_and_deposit():
     rows = np.arange(8)[None, :, None] * np.ones((1, 1, 8))
     centre_rows = (dose[1:6] * rows).sum(axis=(1, 2)) / 9.0
     np.testing.assert_allclose(centre_rows, 3.0 + frac[:, 0])  # the axis of each slice moved by its shift
+
+
+def test_a_sheared_block_outside_its_grid_is_an_error_not_wrong_data():
+    from dota.plan import bev
+
+    grid = np.zeros((10, 8, 8), dtype=np.float32)
+    with pytest.raises(InputError, match="outside its beam grid"):
+        bev.cut_block(grid, bev.SpotWindow(0, 0, 0, (0.0, 0.0)), (5, 3, 3), np.array([[0, 0]] * 4 + [[-1, 0]]))

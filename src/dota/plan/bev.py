@@ -194,6 +194,9 @@ def cut_block(hu_grid: np.ndarray, window: SpotWindow, block_shape: tuple[int, i
             if b_g <= a_g:
                 break
             r0, c0 = window.r0 + dr, window.c0 + dc
+            if r0 < 0 or c0 < 0 or r0 + height > hu_grid.shape[1] or c0 + width > hu_grid.shape[2]:
+                raise InputError(f"sheared block ({r0}, {c0}) outside its beam grid {hu_grid.shape}: "
+                                 "the grid needs a wider lateral pad")
             block[a:a + b_g - a_g] = hu_grid[a_g:b_g, r0:r0 + height, c0:c0 + width]
         return block
     part = hu_grid[window.p0:window.p0 + length, window.r0:window.r0 + height, window.c0:window.c0 + width]
