@@ -229,23 +229,33 @@ def splat_window(block_dose: np.ndarray, residual: tuple[float, float]) -> tuple
     return out, r_off, c_off
 
 
+def sheared_splat(block_dose: np.ndarray, window: SpotWindow, shifts: np.ndarray
+                  ) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """A sheared block's slices splatted bilinearly to their positions: the (L, H+1, W+1) patch and its runs
+    ``(start, stop, row, col)``: slices ``start:stop`` of the patch go to grid rows/cols from
+    ``window.r0 + row`` / ``window.c0 + col``. ``shifts`` (L, 2): each slice's axis offset (voxels) from the
+    window's, the window's own residual added here."""
+    total = np.asarray(shifts, dtype=np.float64)[: len(block_dose)] + np.asarray(window.residual)[None, :]
+    whole = np.floor(total).astype(np.int64)
+    frac = total - whole
+    length, height, width = block_dose.shape
+    fr, fc = frac[:, 0][:, None, None], frac[:, 1][:, None, None]
+    patch = np.zeros((length, height + 1, width + 1), dtype=np.float64)
+    patch[:, :height, :width] += (1 - fr) * (1 - fc) * block_dose
+    patch[:, 1:, :width] += fr * (1 - fc) * block_dose
+    patch[:, :height, 1:] += (1 - fr) * fc * block_dose
+    patch[:, 1:, 1:] += fr * fc * block_dose
+    return patch, shift_runs(whole)
+
+
 def deposit_window(dose_grid: np.ndarray, window: SpotWindow, block_dose: np.ndarray,
                    shifts: np.ndarray | None = None) -> None:
     """Add a spot's (L, H, W) dose block into the beam grid at its window (splatted to its true axis).
     ``shifts`` (L, 2): lateral offsets (voxels, rows and cols) of each slice's axis from the window's, for a
     block sheared onto a diverging ray; each slice is splatted bilinearly to its own position."""
     if shifts is not None and np.any(shifts):
-        total = np.asarray(shifts, dtype=np.float64) + np.asarray(window.residual)[None, :]
-        whole = np.floor(total).astype(np.int64)
-        frac = total - whole
-        length, height, width = block_dose.shape
-        fr, fc = frac[:, 0][:, None, None], frac[:, 1][:, None, None]
-        patch = np.zeros((length, height + 1, width + 1), dtype=np.float64)
-        patch[:, :height, :width] += (1 - fr) * (1 - fc) * block_dose
-        patch[:, 1:, :width] += fr * (1 - fc) * block_dose
-        patch[:, :height, 1:] += (1 - fr) * fc * block_dose
-        patch[:, 1:, 1:] += fr * fc * block_dose
-        for a, b, dr, dc in shift_runs(whole):
+        patch, runs = sheared_splat(block_dose, window, shifts)
+        for a, b, dr, dc in runs:
             deposit_patch(dose_grid, window.p0 + a, window.r0 + dr, window.c0 + dc, patch[a:b])
         return
     patch, r_off, c_off = splat_window(block_dose, window.residual)
@@ -349,24 +359,35 @@ class GridToCT:
             flat_out[flat[inside]] += vals.astype(out.dtype)
 
     def window_sampler(self, window: SpotWindow, block_shape: tuple[int, int, int] = BLOCK_SHAPE,
-                       depth: int | None = None) -> WindowSampler:
+                       depth: int | None = None, shifts: np.ndarray | None = None) -> WindowSampler:
         """A sampler carrying dose blocks of one spot window into CT voxels (for dose-influence matrices).
 
-        ``depth`` (slices) limits it to the first slices of the block, where the blocks it will carry have dose."""
+        ``depth`` (slices) limits it to the first slices of the block, where the blocks it will carry have dose;
+        ``shifts`` (L, 2) shear it as :func:`deposit_window` does."""
         length, height, width = block_shape
         if depth is not None:
             length = max(1, min(length, int(depth)))
-        r_off = -1 if window.residual[0] < 0 else 0
-        c_off = -1 if window.residual[1] < 0 else 0
-        start = np.array([window.p0, window.r0 + r_off, window.c0 + c_off], dtype=np.float64)
-        size = np.array([min(length, self.grid.shape[0] - window.p0), height + 1, width + 1], dtype=np.float64)
+        length = min(length, self.grid.shape[0] - window.p0)
+        if shifts is not None and np.any(shifts):
+            shifts = np.asarray(shifts, dtype=np.float64)[:length]
+            whole = np.floor(shifts + np.asarray(window.residual)[None, :]).astype(np.int64)
+            lo = whole.min(axis=0)
+            start = np.array([window.p0, window.r0 + lo[0], window.c0 + lo[1]], dtype=np.float64)
+            size = np.array([length, whole[:, 0].max() - lo[0] + height + 1, whole[:, 1].max() - lo[1] + width + 1],
+                            dtype=np.float64)
+        else:
+            shifts, lo = None, None
+            r_off = -1 if window.residual[0] < 0 else 0
+            c_off = -1 if window.residual[1] < 0 else 0
+            start = np.array([window.p0, window.r0 + r_off, window.c0 + c_off], dtype=np.float64)
+            size = np.array([length, height + 1, width + 1], dtype=np.float64)
         box = self.ct_box(start - 1, start + size)
         if box is None:
             return WindowSampler(window, np.zeros((len(self.offsets), 3, 0)), np.zeros(0, dtype=np.int64), size)
         coords, flat = self._coords(box)
         coords -= start[None, :, None]
         inside = _touches(coords, size)
-        return WindowSampler(window, coords[:, :, inside], flat[inside], size)
+        return WindowSampler(window, coords[:, :, inside], flat[inside], size, shifts, lo)
 
 
 @dataclass
@@ -377,6 +398,8 @@ class WindowSampler:
     coords: np.ndarray  # (S, 3, M) in window (splatted patch) index units
     flat_index: np.ndarray  # (M,)
     size: np.ndarray
+    shifts: np.ndarray | None = None  # (L, 2) of a sheared block
+    corner: np.ndarray | None = None  # the sheared patch's lowest (row, col) run offset
 
     def sample(self, block_dose: np.ndarray) -> np.ndarray:
         """CT-voxel dose (M,) of one (L, H, W) dose block at this window: the same numbers
@@ -385,7 +408,15 @@ class WindowSampler:
             return np.zeros(0)
         # slices beyond size[0] lie past the beam grid's end (dropped, as in carry) or, when the sampler was
         # built with a depth limit, hold no dose
-        patch, _, _ = splat_window(block_dose[: int(self.size[0])], self.window.residual)
+        block = block_dose[: int(self.size[0])]
+        if self.shifts is None:
+            patch, _, _ = splat_window(block, self.window.residual)
+        else:
+            parts, runs = sheared_splat(block, self.window, self.shifts)
+            patch = np.zeros(tuple(int(v) for v in self.size), dtype=np.float64)
+            for a, b, dr, dc in runs:
+                r, c = dr - int(self.corner[0]), dc - int(self.corner[1])
+                patch[a:b, r:r + parts.shape[1], c:c + parts.shape[2]] = parts[a:b]
         n_sub = self.coords.shape[0]
         vals = ndimage.map_coordinates(patch, self.coords.transpose(1, 0, 2).reshape(3, -1), order=1,
                                        mode="grid-constant", cval=0.0, prefilter=False)

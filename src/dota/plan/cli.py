@@ -86,9 +86,8 @@ def add_commands(sub: argparse._SubParsersAction, add_common: Callable[..., None
     p.add_argument("--prescription", type=positive_float, help="prescribed dose (Gy) for V95/V107 in the DVH stats")
     p.add_argument("--reference", type=Path, help="reference dose (RTDOSE/MHD/NIfTI) for the gamma map (2%%/2mm)")
     p.add_argument("--report", type=Path, help="folder for the plan page (index.html)")
-    p.add_argument("--dij", type=Path, help="write the dose-influence matrix (scipy.sparse, compressed .npz); it and "
-                   "the dose of a run with it use parallel, uncorrected blocks (no divergence, entrance-spot "
-                   "correction or halo: docs/plans.md)")
+    p.add_argument("--dij", type=Path, help="write the dose-influence matrix (scipy.sparse, compressed .npz); it, and the "
+                   "dose of a run with it, leave out the halo outside each block (docs/plans.md)")
     p.add_argument("--dij-threshold", type=float, default=1e-3,
                    help="drop dij values below this fraction of each beamlet's maximum (default 1e-3)")
     p.add_argument("--parallel-beams", action="store_true",

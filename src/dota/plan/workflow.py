@@ -239,10 +239,11 @@ def run_dose(
     else:
         with timer("setup"):
             eng = build_engine(engine, model=model, device=device, seed=seed, primaries=primaries, threads=threads)
-        corrections = None if block_corrections and dij_path is None else False
+        corrections = None if block_corrections else False
         result = compute_plan_dose(ct, plan, eng, progress=progress, max_beamlets_per_call=max_beamlets_per_call,
                                    dij=dij_path is not None, dij_threshold=dij_threshold, timer=timer,
-                                   halo=corrections, entrance_spot=corrections, diverging=not parallel_beams)
+                                   halo=False if dij_path is not None else corrections, entrance_spot=corrections,
+                                   diverging=not parallel_beams)
         dose, dij = result.dose_gy, result.dij
         summary.update({k: v for k, v in result.stats.items() if k not in ("beams", "spot_energies")})
     with timer("write"):
