@@ -207,3 +207,35 @@ def test_a_sheared_block_outside_its_grid_is_an_error_not_wrong_data():
     grid = np.zeros((10, 8, 8), dtype=np.float32)
     with pytest.raises(InputError, match="outside its beam grid"):
         bev.cut_block(grid, bev.SpotWindow(0, 0, 0, (0.0, 0.0)), (5, 3, 3), np.array([[0, 0]] * 4 + [[-1, 0]]))
+
+
+def test_sheared_blocks_still_start_in_air():
+    """A block starts one slice before the body in its sheared footprint too (a sloping surface, spots far off axis)."""
+    hu = np.full((80, 80, 60), -1000.0, np.float32)
+    kk = np.arange(80)[:, None]
+    jj = np.arange(80)[None, :]
+    hu[np.broadcast_to((jj >= 20 + (kk - 40))[:, :, None], hu.shape)] = 0.0  # the surface slopes 45 deg along z
+    ct = ct_from_array(hu, (2.0, 2.0, 2.0), origin_mm=(-59.0, -79.0, -79.0))
+    spy = SpyEngine()
+    plan = Plan([Beam("b", 0.0, 0.0, (0.0, 60.0, 0.0), [EnergyLayer(120.0, [[0.0, 50.0], [0.0, -50.0], [10.0, 20.0]],
+                                                                   [1.0, 1.0, 1.0])])])
+    compute_plan_dose(ct, plan, spy, halo=False)
+    blocks = [g for call in spy.calls for g in call[0]]
+    assert len(blocks) == 3
+    for block in blocks:
+        assert np.all(block[0] <= -400.0)  # no body in the first slice
+        assert np.any(block[1] > -400.0) or np.any(block[2] > -400.0)
+
+
+def test_halo_fraction_counts_only_what_lands_in_the_grid():
+    from .test_halo import InBlockEngine
+
+    hu = np.full((40, 40, 40), -1000.0, np.float32)
+    hu[:, 2:, :] = 0.0  # 76 mm of water: a 200 MeV beam leaves the CT long before it stops
+    ct = ct_from_array(hu, (2.0, 2.0, 2.0), origin_mm=(-39.0, -39.0, -39.0))
+    plan = Plan([Beam("b", 0.0, 0.0, (0.0, 0.0, 0.0), [EnergyLayer(200.0, [[0.0, 0.0], [6.0, 0.0]], [1.0, 1.0])])])
+    on = compute_plan_dose(ct, plan, InBlockEngine(), entrance_spot=False)
+    off = compute_plan_dose(ct, plan, InBlockEngine(), entrance_spot=False, halo=False)
+    grid_on, grid_off = on.stats["beam_grid_gy_mm3"], off.stats["beam_grid_gy_mm3"]
+    assert on.stats["halo_fraction"] == pytest.approx((grid_on - grid_off) / grid_on, abs=1e-5)  # rounded to 5 places
+    assert on.stats["halo_fraction"] < 0.06

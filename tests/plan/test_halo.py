@@ -167,22 +167,23 @@ def test_entrance_spot_delta_follows_the_beam_model():
 
 
 def test_entrance_correction_keeps_the_integral_and_narrows_by_delta():
-    """f - delta/2 f'' lowers the variance by exactly delta (summation by parts), integral unchanged."""
+    """f - delta/2 f'' lowers the variance by delta (summation by parts), integral unchanged (the clip at zero
+    of the far tails changes the integral by < 1e-4 and the variance by < 1 %)."""
     from dota.plan.dose import _entrance_spot_correction, entrance_spot_delta_mm2
 
     x = (np.arange(24) - 11.5) * 2.0
     g = np.exp(-0.5 * x**2 / 16.0)
     block = np.repeat((g[:, None] * g[None, :])[None], 5, axis=0)[None]  # (1, L, H, W)
-    out = _entrance_spot_correction(block[0], block, np.ones(1), np.array([150.0]), 100.0, VOXEL)
+    out = _entrance_spot_correction(block, np.array([150.0]), 100.0, VOXEL)[0]
     d_rows, d_cols = np.array(entrance_spot_delta_mm2(150.0, 100.0)) + 4.0 / 6.0
-    np.testing.assert_allclose(out.sum(axis=(1, 2)), block[0].sum(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(out.sum(axis=(1, 2)), block[0].sum(axis=(1, 2)), rtol=1e-4)
 
     def var(a, axis):
         p = a[0].sum(axis=1 - axis)
         return (p * x**2).sum() / p.sum()
 
-    assert var(block[0], 0) - var(out, 0) == pytest.approx(d_rows, rel=1e-3)
-    assert var(block[0], 1) - var(out, 1) == pytest.approx(d_cols, rel=1e-3)
+    assert var(block[0], 0) - var(out, 0) == pytest.approx(d_rows, rel=1e-2)  # the clipped tails: 0.4 %
+    assert var(block[0], 1) - var(out, 1) == pytest.approx(d_cols, rel=1e-2)
 
 
 def test_plan_dose_corrects_the_entrance_spot_for_mcsquare_blocks_only():
@@ -198,16 +199,41 @@ def test_plan_dose_corrects_the_entrance_spot_for_mcsquare_blocks_only():
 
 
 def test_dij_reproduces_a_sheared_entrance_corrected_plan():
-    """The matrix carries each beamlet as the plan dose does (along its ray, entrance-corrected): same dose."""
-    from dota.plan.dij import load_dij  # noqa: F401  (the matrix type's module)
-
-    ct = _water_ct()
-    plan = Plan([Beam("b", 0.0, 0.0, (0.0, 0.0, 0.0), [
-        EnergyLayer(120.0, [[30.0, -20.0], [0.0, 0.0], [-24.0, 12.0]], [1.0, 0.7, 0.4]),
-        EnergyLayer(135.0, [[30.0, -20.0], [6.0, 6.0]], [0.5, 1.1])])], fractions=2)
+    """The matrix carries each beamlet as the plan dose does (along its ray, entrance-corrected and clipped at
+    zero beamlet by beamlet): the same dose, also through bone, off-lattice spots and couch rotations."""
+    hu = np.full((60, 60, 60), -1000.0, np.float32)
+    hu[5:-5, 5:-5, 5:-5] = 0.0
+    hu[20:35, 25:40, 30:42] = 900.0  # bone
+    ct = ct_from_array(hu, (2.5, 3.0, 3.0), origin_mm=(-88.5, -88.5, -73.75))
+    beams = [Beam("a", 90.0, 30.0, (0.0, 0.0, 0.0), [EnergyLayer(120.0, [[30.3, -20.0], [0.0, 1.1]], [1.0, 0.7]),
+                                                       EnergyLayer(135.0, [[30.3, -20.0], [6.0, 6.0]], [0.5, 1.1])]),
+             Beam("b", 215.0, -20.0, (5.0, -4.0, 2.0), [EnergyLayer(110.0, [[-24.0, 12.5], [3.0, -9.0]], [0.4, 0.9])]),
+             Beam("c", 0.0, 0.0, (0.0, 0.0, 0.0), [EnergyLayer(100.0, [[12.0, 0.0]], [1.3])])]
+    plan = Plan(beams, fractions=2)
     r = compute_plan_dose(ct, plan, InBlockEngine(), dij=True, dij_threshold=0.0)
     assert r.stats["entrance_spot"] and r.stats["source_axis_mm"] is not None and not r.stats["halo"]
-    # the matrix keeps no negative entries (the sharpening's far tails), the plan dose is clipped at zero
-    np.testing.assert_allclose(r.dij.dose(), r.dose_gy, rtol=1e-4, atol=1e-5 * r.dose_gy.max())
+    np.testing.assert_allclose(r.dij.dose(), r.dose_gy, rtol=1e-4, atol=1e-6 * r.dose_gy.max())
     with pytest.raises(InputError, match="leaves out the halo"):
         compute_plan_dose(ct, plan, InBlockEngine(), dij=True, halo=True)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(energies_mev=d["energies_mev"][::-1]), "energies not ascending"),
+    (lambda d: d.update(sigmas_mm=[-1.0] + d["sigmas_mm"][1:]), "width <= 0"),
+    (lambda d: d.update(grid_hw=[81, 81]), "even number"),
+    (lambda d: d.update(grid_hw=[80, 70]), "not square"),
+])
+def test_invalid_halo_tables_are_refused(tmp_path, edit, message):
+    data = json.loads(default_halo_table().to_json())
+    edit(data)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataFileError, match=message):
+        read_halo_table(path)
+
+
+def test_the_shipped_model_by_path_gets_the_corrections_too():
+    from dota.checkpoint import default_model_path
+    from dota.engines.learned import LearnedEngine
+
+    assert LearnedEngine(str(default_model_path())).mcsquare_blocks is True

@@ -131,3 +131,10 @@ def test_dose_options_for_parallel_beams_and_no_block_corrections(made_plan, dic
     assert runs["fan"][0]["halo"] is False and runs["fan"][0]["entrance_spot"] is False  # analytic: no MCsquare blocks
     fan, par = runs["fan"][1], runs["parallel"][1]
     assert fan.sum() == pytest.approx(par.sum(), rel=0.01) and np.abs(fan - par).max() > 1e-3 * fan.max()
+
+
+def test_beamlet_only_options_are_refused_for_mcsquare_plan(made_plan, dicom_ct, tmp_path, capsys):
+    code = main(["dose", "--ct", str(dicom_ct), "--plan", str(made_plan / "plan.dcm"), "--engine", "mcsquare-plan",
+                 "--parallel-beams", "--out", str(tmp_path / "d.mhd"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "apply to beamlet engines" in err and "\n" not in err

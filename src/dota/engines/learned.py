@@ -60,15 +60,21 @@ class LearnedEngine(DoseEngine):
 
 
 def _trained_on_mcsquare(model: object) -> bool:
-    """Whether ``model`` is the shipped default model and its card lists MCsquare training data. Other
+    """Whether ``model`` is the shipped default model (by name or path) and its card lists MCsquare training data. Other
     checkpoints do not record their data's engine: pass ``mcsquare_blocks=True`` for a model trained on MCsquare."""
     import json
     from importlib import resources
 
-    from dota.checkpoint import DEFAULT_MODEL
+    from pathlib import Path
 
-    if model != DEFAULT_MODEL:
-        return False
+    from dota.checkpoint import DEFAULT_MODEL, default_model_path
+
+    if model != DEFAULT_MODEL:  # the shipped file named by its path is the same model
+        try:
+            if not isinstance(model, (str, Path)) or Path(model).resolve() != default_model_path().resolve():
+                return False
+        except OSError:
+            return False
     try:
         card = json.loads(resources.files("dota").joinpath("resources", "models", "default.json").read_text())
     except (OSError, ValueError):

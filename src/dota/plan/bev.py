@@ -264,15 +264,18 @@ def deposit_window(dose_grid: np.ndarray, window: SpotWindow, block_dose: np.nda
     dose_grid[p0:p0 + depth, r0:r0 + patch.shape[1], c0:c0 + patch.shape[2]] += patch[:depth]
 
 
-def deposit_patch(dose_grid: np.ndarray, p0: int, r0: int, c0: int, patch: np.ndarray) -> None:
-    """Add ``patch`` (L, R, C) into the beam grid with its first element at ``(p0, r0, c0)`` (clipped to the grid)."""
+def deposit_patch(dose_grid: np.ndarray, p0: int, r0: int, c0: int, patch: np.ndarray) -> float:
+    """Add ``patch`` (L, R, C) into the beam grid with its first element at ``(p0, r0, c0)`` (clipped to the grid);
+    returns the sum added."""
     depth = min(patch.shape[0], dose_grid.shape[0] - p0)
     r_lo, c_lo = max(0, -r0), max(0, -c0)
     r_hi = min(patch.shape[1], dose_grid.shape[1] - r0)
     c_hi = min(patch.shape[2], dose_grid.shape[2] - c0)
     if depth <= 0 or r_hi <= r_lo or c_hi <= c_lo:
-        return
-    dose_grid[p0:p0 + depth, r0 + r_lo:r0 + r_hi, c0 + c_lo:c0 + c_hi] += patch[:depth, r_lo:r_hi, c_lo:c_hi]
+        return 0.0
+    part = patch[:depth, r_lo:r_hi, c_lo:c_hi]
+    dose_grid[p0:p0 + depth, r0 + r_lo:r0 + r_hi, c0 + c_lo:c0 + c_hi] += part
+    return float(part.sum())
 
 
 def supersample_offsets(ct: PatientCT, voxel_mm: tuple[float, float, float] = VOXEL_MM,

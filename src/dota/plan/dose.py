@@ -20,12 +20,19 @@ the beam model's spot is narrower (its sigma^2 smaller by ``delta = sigma_iso^2 
 across and 0.5 mm^2 along the gantry axis at 150 MeV and 100 mm; MCsquare's own plan simulation has the
 narrower spot). Each spot's summed block is therefore corrected to first order in ``delta``, the inverse
 of a Gaussian blur: ``D - delta_rows/2 d2D/drow2 - delta_cols/2 d2D/dcol2`` (central second differences,
-per energy layer's ``delta``, integral kept), and the plan dose is clipped at zero. The same step
+per energy layer's ``delta``, integral kept; each beamlet's block clipped at zero). The same step
 pre-compensates the lateral blur of the carry into the CT (trilinear interpolation averaged over
 sub-points: a tent of variance ``h^2/6``, 0.67 mm^2 for the 2 mm grid), which MCsquare's own scoring on the
-CT grid does not have. Measured on one 144 MeV layer of the liver plan (3 x 3 x 2.5 mm CT): MCsquare
-beamlets summed by this pipeline without the correction had a 10 % lower maximum than MCsquare's own
-plan at the same integral dose; the default model 10 % lower without it, 3 % lower with it.
+CT grid does not have. Measured on one 144 MeV layer of the liver plan (3 x 3 x 2.5 mm CT, parallel beams):
+MCsquare beamlets summed by this pipeline without the correction had a 10 % lower maximum than MCsquare's
+own plan at the same integral dose; the default model 10 % lower without it, 3 % lower with it.
+
+Spots fan out from the beam model's virtual source (``diverging``, every engine): a spot at ``(X, Y)`` in
+the isocentre plane lies at ``(X, Y) (1 + s / SAD)`` at depth ``s`` from the isocentre (SAD 1,859.1 mm along
+IEC Y, the grid's rows, and 2,234.8 mm along IEC X, its columns). Each block is sheared onto its ray:
+its slices are cut from the beam grid shifted by whole voxels (starting one slice before the body in the
+sheared footprint), and its dose is put back with each slice splatted bilinearly to the exact ray; the
+halo follows to the nearest voxel. The dose-influence matrix samples the same sheared, corrected blocks.
 """
 
 from __future__ import annotations
@@ -192,8 +199,6 @@ def compute_plan_dose(
     if stats["missed_spot_energies"]:
         log.warning("%d spot-energies miss the patient (no body voxel in their block) and were skipped",
                     stats["missed_spot_energies"])
-    if stats["entrance_spot"]:  # the sharpening can dip below zero far out in the tails (the dose-influence
-        np.maximum(total, 0.0, out=total)  # matrix drops those entries: its dose differs by < 1e-5 of the maximum)
     stats["max_dose_gy"] = float(total.max())
     if stats["halo"]:  # share of the integral dose (in the beam grids) added outside the blocks
         stats["halo_fraction"] = round(stats["halo_gy_mm3"] / max(stats["beam_grid_gy_mm3"], 1e-30), 5)
@@ -242,6 +247,7 @@ def _beam_dose(ct: PatientCT, beam: Beam, fractions: int, engine: Any, timer: St
         first = bev.first_body_slice(hu_grid)
         windows = bev.spot_windows(grid, first, uniq, block_shape)
         shifts = _ray_shifts(grid, windows, uniq, stats["source_axis_mm"], block_shape[0])
+        windows, shifts = _sheared_entries(grid, first, windows, shifts, uniq, stats["source_axis_mm"], block_shape)
         carrier = bev.GridToCT(ct, grid, supersample)
     dose_grid = np.zeros(grid.shape, dtype=np.float64)
     length, height, width = block_shape
@@ -295,6 +301,30 @@ def _ray_shifts(grid: bev.BeamGrid, windows: list, positions_mm: np.ndarray, sou
     return out
 
 
+def _sheared_entries(grid: bev.BeamGrid, first_body: np.ndarray, windows: list, shifts: list, positions_mm: np.ndarray,
+                     source_axis_mm: tuple[float, float] | None, block_shape: tuple[int, int, int]) -> tuple[list, list]:
+    """Windows whose first slice is one before the first body voxel of the block's *sheared* footprint (the
+    rows and columns its slices move across), with their ray shifts recomputed for the new first slice."""
+    if source_axis_mm is None:
+        return windows, shifts
+    _, height, width = block_shape
+    out_w, out_s = list(windows), list(shifts)
+    for i, (w, sh) in enumerate(zip(windows, shifts)):
+        if w is None or sh is None:
+            continue
+        for _ in range(3):  # the shifts depend on the first slice: settle it (one or two rounds)
+            k = np.rint(sh).astype(np.int64)
+            r_lo, r_hi = w.r0 + k[:, 0].min(), w.r0 + k[:, 0].max() + height
+            c_lo, c_hi = w.c0 + k[:, 1].min(), w.c0 + k[:, 1].max() + width
+            p0 = max(0, int(first_body[max(r_lo, 0):r_hi, max(c_lo, 0):c_hi].min()) - 1)
+            if p0 >= w.p0:
+                break
+            w = bev.SpotWindow(p0, w.r0, w.c0, w.residual)
+            sh = _ray_shifts(grid, [w], positions_mm[i:i + 1], source_axis_mm, block_shape[0])[0]
+        out_w[i], out_s[i] = w, sh
+    return out_w, out_s
+
+
 def entrance_spot_delta_mm2(energy_mev: float, upstream_mm: float) -> tuple[float, float]:
     """``sigma^2`` of the beam model's core spot at the isocentre minus at ``upstream_mm`` before it, (rows, cols) mm^2."""
     from dota.engines.analytic import beam_model_spot
@@ -314,15 +344,18 @@ def _second_difference(a: np.ndarray, axis: int) -> np.ndarray:
     return take(0) - 2.0 * a + take(2)
 
 
-def _entrance_spot_correction(spot: np.ndarray, part: np.ndarray, scale: np.ndarray, energies: np.ndarray,
-                              upstream_mm: float, voxel_mm: tuple[float, float, float]) -> np.ndarray:
-    """A spot's summed block corrected to first order for the narrower spot at its real entrance (module docstring)."""
+def _entrance_spot_correction(part: np.ndarray, energies: np.ndarray, upstream_mm: float,
+                              voxel_mm: tuple[float, float, float]) -> np.ndarray:
+    """Beamlet blocks (n, L, H, W) of one spot corrected to first order for the narrower spot at their real
+    entrance (module docstring), each clipped at zero (the sharpening dips below it far out in the tails), so
+    that the plan dose and the dose-influence matrix, which sums the same blocks, agree."""
     deltas = np.array([entrance_spot_delta_mm2(float(e), upstream_mm) for e in energies])  # (n, 2)
     deltas = deltas + np.array([voxel_mm[1] ** 2, voxel_mm[2] ** 2]) / 6.0  # the carry's interpolation blur
-    g_rows = np.tensordot(scale * deltas[:, 0], part, axes=(0, 0))
-    g_cols = np.tensordot(scale * deltas[:, 1], part, axes=(0, 0))
     dy, dx = voxel_mm[1], voxel_mm[2]
-    return spot - 0.5 * (_second_difference(g_rows, 1) / dy**2 + _second_difference(g_cols, 2) / dx**2)
+    part = np.asarray(part, dtype=np.float64)
+    out = part - 0.5 * (deltas[:, 0, None, None, None] * _second_difference(part, 2) / dy**2
+                        + deltas[:, 1, None, None, None] * _second_difference(part, 3) / dx**2)
+    return np.maximum(out, 0.0, out=out)
 
 
 def _run_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: list[np.ndarray], energies: np.ndarray,
@@ -345,16 +378,17 @@ def _run_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: lis
     stats["engine_calls"] += 1
     scale = protons[idx] / PRIMARIES_UNIT
     halo_inputs = []
+    corrected: dict[int, np.ndarray] = {}  # entrance-corrected blocks, for the dose-influence matrix
     with timer("deposit"):
         start = 0
         for blk, gi in zip(blocks, chunk):
             n = len(groups[gi])
             part = dose[start:start + n]
-            spot = np.tensordot(scale[start:start + n], part, axes=(0, 0))
             if s0 is not None:
                 upstream = -(s0 + (windows[gi].p0 - 0.5) * voxel_mm[0])  # the block's entrance face
-                spot = _entrance_spot_correction(spot, part, scale[start:start + n], energies[groups[gi]], upstream,
-                                                 voxel_mm)
+                part = _entrance_spot_correction(part, energies[groups[gi]], upstream, voxel_mm)
+                corrected[gi] = part
+            spot = np.tensordot(scale[start:start + n], part, axes=(0, 0))
             bev.deposit_window(dose_grid, windows[gi], spot, shifts[gi])
             # range check along the block's central columns
             steps = hu_to_rsp(blk[:, centre[0], centre[1]]).mean(axis=(1, 2)) * voxel_mm[0]
@@ -373,11 +407,11 @@ def _run_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: lis
                 w = windows[gi]
                 patch = halo_patch(in_block, wed, energies[groups[gi]], table, voxel_mm, w.residual, norms)
                 if shifts[gi] is None:
-                    bev.deposit_patch(dose_grid, w.p0, w.r0 - pad, w.c0 - pad, patch)
+                    added = bev.deposit_patch(dose_grid, w.p0, w.r0 - pad, w.c0 - pad, patch)
                 else:  # along the spot's ray, to the nearest voxel (the halo is wide)
-                    for a, b, dr, dc in bev.shift_runs(np.rint(shifts[gi]).astype(np.int64)):
-                        bev.deposit_patch(dose_grid, w.p0 + a, w.r0 - pad + dr, w.c0 - pad + dc, patch[a:b])
-                stats["halo_gy_mm3"] += float(patch.sum()) * float(np.prod(voxel_mm))
+                    added = sum(bev.deposit_patch(dose_grid, w.p0 + a, w.r0 - pad + dr, w.c0 - pad + dc, patch[a:b])
+                                for a, b, dr, dc in bev.shift_runs(np.rint(shifts[gi]).astype(np.int64)))
+                stats["halo_gy_mm3"] += float(added) * float(np.prod(voxel_mm))
     if builder is not None:
         with timer("dij"):
             start = 0
@@ -386,14 +420,10 @@ def _run_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: lis
                 spot_dose = dose[start:start + n]
                 depth = int(np.nonzero(spot_dose.any(axis=(0, 2, 3)))[0].max(initial=-1)) + 1
                 sampler = carrier.window_sampler(windows[gi], block_shape, depth=depth, shifts=shifts[gi])
-                upstream = None if s0 is None else -(s0 + (windows[gi].p0 - 0.5) * voxel_mm[0])
+                blocks_of_spot = corrected.get(gi, dose[start:start + n])
                 for m in range(n):
                     spot_index = int(groups[gi][m])
                     gy_per_mu = float(protons_per_mu(energies[spot_index])) / PRIMARIES_UNIT  # one fraction
-                    block = dose[start + m]
-                    if upstream is not None:  # the plan dose's correction, beamlet by beamlet (it is linear)
-                        block = _entrance_spot_correction(block, block[None], np.ones(1), energies[[spot_index]],
-                                                          upstream, voxel_mm)
-                    builder.add(column0 + spot_index, sampler, block, gy_per_mu)
+                    builder.add(column0 + spot_index, sampler, blocks_of_spot[m], gy_per_mu)
                 start += n
     bar.update(len(idx))

@@ -20,8 +20,9 @@ Frames and units
   supine patient a beam at gantry 0 enters from the anterior side, gantry 90 from the patient's left,
   gantry 270 from the right; this agrees with :func:`dota.data.ct.beam_frame` for HFS.
 
-Beams are parallel (no source divergence): each spot's axis is the line through
-``isocentre + X * x_axis + Y * y_axis`` along the beam direction.
+These axes are parallel to the beam's central axis; plan dose sends each spot along its ray from the
+beam model's virtual source instead (:func:`dota.plan.dose.compute_plan_dose`, ``diverging``): at the
+isocentre plane it passes through ``isocentre + X * x_axis + Y * y_axis``.
 """
 
 from __future__ import annotations

@@ -96,6 +96,17 @@ def read_halo_table(path: str | Path | None = None) -> HaloTable:
     e, t = len(table.energies_mev), len(table.depth_fractions)
     if table.weights.shape != (e, t, len(table.sigmas_mm)) or e < 2 or t < 2 or not np.isfinite(table.weights).all():
         raise DataFileError(f"{where}: halo table arrays do not match its {e} energies x {t} depth fractions")
+    (bh, bw), (gh, gw) = table.block_hw, table.grid_hw
+    problems = [msg for bad, msg in (
+        (np.any(np.diff(table.energies_mev) <= 0), "energies not ascending"),
+        (np.any(np.diff(table.depth_fractions) <= 0), "depth fractions not ascending"),
+        (np.any(table.sigmas_mm <= 0), "a Gaussian width <= 0"),
+        (np.any(table.weights < 0), "a negative weight"),
+        (gh != gw or bh != bw, "a window or block that is not square"),
+        (gh <= bh or (gh - bh) % 2, "a window not wider than the block by an even number of voxels"),
+    ) if bad]
+    if problems:
+        raise DataFileError(f"{where}: invalid halo table ({', '.join(problems)})")
     return table
 
 

@@ -210,6 +210,9 @@ def run_dose(
         raise InputError("--dvh needs structures (--structure)")
     if engine == "mcsquare-plan" and dij_path is not None:
         raise InputError("--dij needs a beamlet engine (dota, analytic, mcsquare), not mcsquare-plan")
+    if engine == "mcsquare-plan" and (parallel_beams or not block_corrections):
+        raise InputError("--parallel-beams and --no-block-corrections apply to beamlet engines (dota, analytic, "
+                         "mcsquare), not to MCsquare's own plan simulation")
     files = [("--out", f) for o in outputs for f in dose_files(o)]
     files += [("--dvh", f) for f in dvh_files(dvh_csv)] if dvh_csv is not None else []
     files += [("--dij", dij_file(dij_path))] if dij_path is not None else []
