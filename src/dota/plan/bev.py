@@ -58,6 +58,10 @@ class BeamGrid:
         rel = np.asarray(xyz, dtype=np.float64) - self.origin_mm
         return (rel @ self.axes.T) / np.asarray(self.voxel_mm)
 
+    def depth_mm(self, p: np.ndarray | float) -> np.ndarray | float:
+        """Depth (mm) of the centres of slices ``p`` along the beam, from the isocentre (upstream negative)."""
+        return float((self.origin_mm - self.isocenter_mm) @ self.axes[0]) + np.asarray(p) * self.voxel_mm[0]
+
     def spot_rc(self, positions_mm: np.ndarray) -> np.ndarray:
         """Continuous (row, col) grid index (n, 2) of the axes of spots at IEC ``(X, Y)`` (n, 2) mm."""
         pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 2)
@@ -187,23 +191,18 @@ def cut_block(hu_grid: np.ndarray, window: SpotWindow, block_shape: tuple[int, i
     """The spot's (L, H, W) HU block from the beam grid, air beyond the grid's end. ``shifts`` (L, 2) integer
     (rows, cols) offsets per slice shear the block onto a diverging ray (:func:`dota.plan.dose.compute_plan_dose`)."""
     length, height, width = block_shape
-    if shifts is not None and np.any(shifts):
-        block = np.full(block_shape, HU_AIR, dtype=np.float32)
-        for a, b, dr, dc in shift_runs(shifts):
-            a_g, b_g = window.p0 + a, min(window.p0 + b, hu_grid.shape[0])
-            if b_g <= a_g:
-                break
-            r0, c0 = window.r0 + dr, window.c0 + dc
-            if r0 < 0 or c0 < 0 or r0 + height > hu_grid.shape[1] or c0 + width > hu_grid.shape[2]:
-                raise InputError(f"sheared block ({r0}, {c0}) outside its beam grid {hu_grid.shape}: "
-                                 "the grid needs a wider lateral pad")
-            block[a:a + b_g - a_g] = hu_grid[a_g:b_g, r0:r0 + height, c0:c0 + width]
-        return block
-    part = hu_grid[window.p0:window.p0 + length, window.r0:window.r0 + height, window.c0:window.c0 + width]
-    if part.shape[0] == length:
-        return np.ascontiguousarray(part)
+    if shifts is None:
+        shifts = np.zeros((length, 2), dtype=np.int64)
     block = np.full(block_shape, HU_AIR, dtype=np.float32)
-    block[:part.shape[0]] = part
+    for a, b, dr, dc in shift_runs(shifts):
+        a_g, b_g = window.p0 + a, min(window.p0 + b, hu_grid.shape[0])
+        if b_g <= a_g:
+            break
+        r0, c0 = window.r0 + dr, window.c0 + dc
+        if r0 < 0 or c0 < 0 or r0 + height > hu_grid.shape[1] or c0 + width > hu_grid.shape[2]:
+            raise InputError(f"sheared block ({r0}, {c0}) outside its beam grid {hu_grid.shape}: "
+                             "the grid needs a wider lateral pad")
+        block[a:a + b_g - a_g] = hu_grid[a_g:b_g, r0:r0 + height, c0:c0 + width]
     return block
 
 
@@ -259,9 +258,7 @@ def deposit_window(dose_grid: np.ndarray, window: SpotWindow, block_dose: np.nda
             deposit_patch(dose_grid, window.p0 + a, window.r0 + dr, window.c0 + dc, patch[a:b])
         return
     patch, r_off, c_off = splat_window(block_dose, window.residual)
-    p0, r0, c0 = window.p0, window.r0 + r_off, window.c0 + c_off
-    depth = min(patch.shape[0], dose_grid.shape[0] - p0)
-    dose_grid[p0:p0 + depth, r0:r0 + patch.shape[1], c0:c0 + patch.shape[2]] += patch[:depth]
+    deposit_patch(dose_grid, window.p0, window.r0 + r_off, window.c0 + c_off, patch)
 
 
 def deposit_patch(dose_grid: np.ndarray, p0: int, r0: int, c0: int, patch: np.ndarray) -> float:

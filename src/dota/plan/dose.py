@@ -18,7 +18,7 @@ engine and the shipped DoTA model, trained on it) simulate each block with the b
 spot at the block's entrance. In a plan a block enters ``u`` mm upstream of its beam's isocentre, where
 the beam model's spot is narrower (its sigma^2 smaller by ``delta = sigma_iso^2 - sigma(u)^2``, e.g. 1.3 mm^2
 across and 0.5 mm^2 along the gantry axis at 150 MeV and 100 mm; MCsquare's own plan simulation has the
-narrower spot). Each spot's summed block is therefore corrected to first order in ``delta``, the inverse
+narrower spot). Each beamlet's block is therefore corrected to first order in ``delta``, the inverse
 of a Gaussian blur: ``D - delta_rows/2 d2D/drow2 - delta_cols/2 d2D/dcol2`` (central second differences,
 per energy layer's ``delta``, integral kept; each beamlet's block clipped at zero). The same step
 pre-compensates the lateral blur of the carry into the CT (trilinear interpolation averaged over
@@ -176,9 +176,8 @@ def compute_plan_dose(
     stats: dict[str, Any] = {"beams": len(plan.beams), "spot_energies": plan.n_spots, "spot_positions": 0,
                              "engine_calls": 0, "missed_spot_energies": 0, "truncated_spot_energies": 0,
                              "max_lateral_residual_mm": 0.0, "engine": getattr(engine, "name", "?"),
-                             "halo": bool(getattr(engine, "mcsquare_blocks", False) if halo is None else halo),
-                             "entrance_spot": bool(getattr(engine, "mcsquare_blocks", False)
-                                                   if entrance_spot is None else entrance_spot),
+                             "halo": bool(engine.mcsquare_blocks if halo is None else halo),
+                             "entrance_spot": bool(engine.mcsquare_blocks if entrance_spot is None else entrance_spot),
                              "halo_gy_mm3": 0.0, "beam_grid_gy_mm3": 0.0, "source_axis_mm": None}
     if diverging:
         from dota.engines.analytic import beam_model_source_axis_mm
@@ -241,8 +240,7 @@ def _beam_dose(ct: PatientCT, beam: Beam, fractions: int, engine: Any, timer: St
     with timer("rotate"):
         grid = bev.make_beam_grid(ct, axes, beam.isocenter_mm, uniq, block_shape, voxel_mm,
                                   pad=(0 if halo is None else halo[2]) + shear_pad)
-        # depth of slice 0's centre along the beam, from the isocentre (the blocks' entrances are upstream)
-        s0 = float((grid.origin_mm - grid.isocenter_mm) @ grid.axes[0]) if stats["entrance_spot"] else None
+        s0 = grid.depth_mm(0) if stats["entrance_spot"] else None  # slice 0's depth from the isocentre
         hu_grid = bev.resample_ct_to_grid(ct, grid)
         first = bev.first_body_slice(hu_grid)
         windows = bev.spot_windows(grid, first, uniq, block_shape)
@@ -289,14 +287,13 @@ def _ray_shifts(grid: bev.BeamGrid, windows: list, positions_mm: np.ndarray, sou
     isocentre (None for every spot of a parallel beam or a missed one)."""
     if source_axis_mm is None:
         return [None] * len(windows)
-    dd, dr, dc = grid.voxel_mm
-    s0 = float((grid.origin_mm - grid.isocenter_mm) @ grid.axes[0])  # depth of slice 0's centre
+    _, dr, dc = grid.voxel_mm
     out: list[np.ndarray | None] = []
     for w, (x, y) in zip(windows, np.asarray(positions_mm, dtype=np.float64)):
         if w is None:
             out.append(None)
             continue
-        s = s0 + (w.p0 + np.arange(length)) * dd
+        s = grid.depth_mm(w.p0 + np.arange(length))
         out.append(np.stack([y * s / source_axis_mm[0] / dr, x * s / source_axis_mm[1] / dc], axis=1))
     return out
 
