@@ -30,18 +30,22 @@ else
     --optimizer adamw --lr 2e-3 --epochs 20 --lr-halving-epochs 5 --seed 0
 fi
 
+# 2b. Range support: the same weights, the dose zero 10 mm past the base dose's 1e-3 extent (exact truncation)
+.venv/bin/python scripts/set_support.py "$RUNS/default/best.safetensors" "$RUNS/default/best-support.safetensors" \
+  --fraction 1e-3 --margin-mm 10
+
 # 3. Evaluation on held-out patients (paper protocol, gamma 1%/3mm), DoTA and the analytic engine
 for split in val test; do
-  $D evaluate "$DATA/mc_${split}_1e6.h5" --engine dota --model "$RUNS/default/best.safetensors" \
+  $D evaluate "$DATA/mc_${split}_1e6.h5" --engine dota --model "$RUNS/default/best-support.safetensors" \
     --criteria 1%/3mm,2%/2mm --out "$RUNS/eval-$split-dota" --overwrite
   $D evaluate "$DATA/mc_${split}_1e6.h5" --engine analytic --criteria 1%/3mm,2%/2mm \
     --out "$RUNS/eval-$split-analytic" --overwrite
 done
 
 # 4. Ship: bf16 error, then weights, record, golden set and model card into src/dota/resources/models/
-.venv/bin/python scripts/measure_bf16.py --model "$RUNS/default/best.safetensors" --data "$DATA/mc_test_1e6.h5" \
+.venv/bin/python scripts/measure_bf16.py --model "$RUNS/default/best-support.safetensors" --data "$DATA/mc_test_1e6.h5" \
   --n 20 --out "$RUNS/bf16.json"
-.venv/bin/python scripts/ship_model.py --checkpoint "$RUNS/default/best.safetensors" --train "$RUNS/default" \
+.venv/bin/python scripts/ship_model.py --checkpoint "$RUNS/default/best-support.safetensors" --train "$RUNS/default" \
   --eval-dota "$RUNS/eval-test-dota" --eval-analytic "$RUNS/eval-test-analytic" \
   --val-dota "$RUNS/eval-val-dota" --val-analytic "$RUNS/eval-val-analytic" \
   --manifest "$DATA/mc_train_2e4.manifest.json" --manifest "$DATA/mc_val_1e6.manifest.json" \

@@ -91,7 +91,11 @@ def card(record: dict[str, Any]) -> str:
             + (", with the analytic dose as an input channel beside the CT" if cfg.get("base_input") else "")
             + "; the analytic dose (`dota.engines.analytic`) is computed at inference and added, and counts "
             "in its time."
-            if cfg.get("base_engine") else "predicts the dose from the CT block and the energy."),
+            if cfg.get("base_engine") else "predicts the dose from the CT block and the energy.")
+        + (f" Range support: its dose is zero from {cfg['support_margin_mm']:g} mm past the last slice where the "
+           f"analytic dose exceeds {cfg['support_fraction']:g} of its maximum (the network's tail behind the Bragg "
+           "peak, where Monte Carlo has none in tissue, is cut), so truncated inference is exact by construction."
+           if cfg.get("support_fraction") else ""),
         f" Block {cfg['block_shape'][0]}x{cfg['block_shape'][1]}x{cfg['block_shape'][2]} voxels of "
         f"{cfg['voxel_mm'][0]:g} mm, beam along the first axis; energies {record['energy_range_mev'][0]:g}-"
         f"{record['energy_range_mev'][1]:g} MeV (others are refused). Dose to water in Gy per 1e9 primaries, "
@@ -180,7 +184,8 @@ def card(record: dict[str, Any]) -> str:
         "other sites only.",
         "- Beamlets, not plans: plan dose sums beamlets (`dota dose`), and plan-level accuracy is reported there.",
         "- The exact engine's truncation and caching do not change its output beyond 1e-5 of the maximum on the "
-        "slices it computes (tested); where its tail check cannot trust the cut it recomputes in full.",
+        "slices it computes (tested); " + ("it computes each beamlet to its range support only." if cfg.get("support_fraction")
+                                          else "where its tail check cannot trust the cut it recomputes in full."),
         "",
     ]
     return "\n".join(lines)

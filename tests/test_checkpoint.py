@@ -1,3 +1,4 @@
+import json
 import numpy as np
 import pytest
 import torch
@@ -71,3 +72,19 @@ def test_atomic_write_uses_normal_permissions(tmp_path):
     os.umask(umask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_range_support_survives_a_round_trip_and_bad_values_are_refused(tmp_path):
+    from dataclasses import replace
+
+    from dota.checkpoint import check_config_dict, load_model, save_model
+    from dota.errors import DataFileError
+    from dota.model import PRESETS, DoTA
+
+    cfg = replace(PRESETS["tiny-pb"], support_fraction=1e-3, support_margin_mm=10.0)
+    path = save_model(DoTA(cfg), tmp_path / "m.safetensors")
+    assert load_model(path).config == cfg
+    for bad in ("x", -1.0, float("nan")):
+        data = {**json.loads(json.dumps(cfg.to_dict())), "support_fraction": bad}
+        with pytest.raises(DataFileError, match="support_fraction"):
+            check_config_dict(data)

@@ -133,6 +133,9 @@ def check_config_dict(data: dict[str, Any], source: str = "checkpoint") -> DoTAC
             raise bad(f"{flag} must be true or false, got {data[flag]!r}")
     if "dropout" in data and not (_is_real(data["dropout"]) and 0 <= data["dropout"] < 1):
         raise bad(f"dropout must be in [0, 1), got {data['dropout']!r}")
+    for name in ("support_fraction", "support_margin_mm"):
+        if name in data and not (_is_real(data[name]) and data[name] >= 0):
+            raise bad(f"{name} must be a number >= 0, got {data[name]!r}")
     if "ln_eps" in data and not (_is_real(data["ln_eps"]) and data["ln_eps"] > 0):
         raise bad(f"ln_eps must be positive, got {data['ln_eps']!r}")
     if "base_engine" in data and data["base_engine"] not in BASE_ENGINES:

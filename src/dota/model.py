@@ -45,6 +45,10 @@ class DoTAConfig:
     ln_eps: float = 1e-6  # LayerNorm epsilon (Keras default used by the paper)
     base_engine: str = ""  # "" (the network predicts the dose) or "analytic": it predicts a correction to it
     base_input: bool = False  # the base dose is also an input channel of the encoder (beside the CT)
+    # Range support (models with a base engine): the dose is zero from ``support_margin_mm`` beyond the
+    # last slice where the base dose exceeds ``support_fraction`` of its maximum (0: no support, every slice).
+    support_fraction: float = 0.0
+    support_margin_mm: float = 0.0
 
     @property
     def d_model(self) -> int:
@@ -74,6 +78,11 @@ class DoTAConfig:
             raise InputError(f"base_engine must be one of {BASE_ENGINES}, got {self.base_engine!r}")
         if self.base_input and not self.base_engine:
             raise InputError("base_input needs a base_engine")
+        if not (0.0 <= self.support_fraction < 1.0) or not (0.0 <= self.support_margin_mm < 1e4):
+            raise InputError(f"support_fraction must be in [0, 1) and support_margin_mm in [0, 1e4) mm, got "
+                             f"{self.support_fraction!r}, {self.support_margin_mm!r}")
+        if self.support_fraction and not self.base_engine:
+            raise InputError("a range support (support_fraction > 0) needs a base_engine")
 
     @classmethod
     def from_name(cls, name: str) -> DoTAConfig:
@@ -432,6 +441,28 @@ class DoTA(nn.Module):
         spot_model = "beam-model" if self.config.base_engine == "analytic-bdl" else "dota"
         dose = AnalyticEngine(spot_model=spot_model).dose(geometry_hu, energies_mev, self.config.voxel_mm)
         return torch.from_numpy(dose).to(self.device) / float(self.normalization.dose_max)
+
+    def support_slices(self, base_scaled: torch.Tensor | None, num_slices: int | None = None) -> np.ndarray | None:
+        """Slices ``[0, s)`` that may hold dose, per beamlet (N,), for a model with a range support
+        (``config.support_fraction > 0``): ``s`` is ``ceil(support_margin_mm / depth voxel)`` slices past the
+        last slice where the base dose (N, L, H, W) exceeds ``support_fraction`` of its maximum, at most L.
+        None for a model without one. The model's dose is zero from slice ``s`` on: every inference path
+        (and the plain pass they are tested against) applies it, so a path that computes only ``[0, s)``
+        is exact by construction (attention is causal, without look-ahead beyond ``num_forward``)."""
+        cfg = self.config
+        if not cfg.support_fraction or base_scaled is None:
+            return None
+        n, length = base_scaled.shape[:2]
+        length = length if num_slices is None else int(num_slices)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        per_slice = base_scaled.reshape(n, base_scaled.shape[1], -1).amax(dim=2)  # (N, L)
+        peak = per_slice.amax(dim=1, keepdim=True)
+        above = (per_slice > cfg.support_fraction * peak) & (peak > 0)
+        idx = torch.arange(per_slice.shape[1], device=per_slice.device).expand_as(per_slice)
+        last = torch.where(above, idx, torch.full_like(idx, -1)).amax(dim=1).cpu().numpy()
+        margin = int(np.ceil(cfg.support_margin_mm / float(cfg.voxel_mm[0]) - 1e-9))
+        return np.clip(last + 1 + margin, 1, length).astype(np.int64)
 
     def decode(self, tokens: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
                ) -> torch.Tensor:

@@ -94,3 +94,75 @@ def test_tail_check_uses_the_total_dose():
     redo = engine._unverified(net, computed, base)
     alone = engine._unverified(net, computed)
     assert len(redo) <= len(alone)
+
+
+def _support_model(preset: str) -> DoTA:
+    """A perturbed base model with a range support (the dose is zero 10 mm past the base dose's 1e-3 extent)."""
+    from dataclasses import replace
+
+    cfg = replace(PRESETS[preset], support_fraction=1e-3, support_margin_mm=10.0)
+    model = init_weights(DoTA(cfg, Normalization(dose_max=0.05)), seed=3)
+    with torch.no_grad():  # a correction that is nonzero on every slice, also beyond the beam's range
+        model.decoder.out.weight.normal_(0.0, 1e-3, generator=torch.Generator().manual_seed(1))
+        model.decoder.out.bias.fill_(1e-3)
+    return model.eval()
+
+
+def test_support_slices_follow_the_base_dose():
+    g, e = _request()
+    model = _support_model("tiny-pb")
+    base = model.base_dose_scaled(g, e)
+    support = model.support_slices(base)
+    per_slice = base.flatten(2).amax(2)
+    for i in range(len(e)):
+        last = int(torch.nonzero(per_slice[i] > 1e-3 * per_slice[i].max()).max())
+        assert support[i] == min(base.shape[1], last + 1 + 5)  # 10 mm margin = 5 slices of 2 mm
+    assert support.min() < base.shape[1]  # the phantoms' beams stop inside the block
+    no_support = _model("tiny-pb", perturb=True)
+    assert no_support.support_slices(base) is None
+
+
+@pytest.mark.parametrize("preset", ["tiny-pb", "tiny-res"])
+@pytest.mark.parametrize("mode", [{}, {"prefix_cache_bytes": 0}, {"truncation": "none"}, {"truncation": "stream"},
+                                  {"share_geometry": False}])
+def test_support_model_every_path_equals_its_plain_pass(preset, mode):
+    """With a range support the plain pass is zero from each beamlet's support on, and every path (the
+    batched prefix passes the support allows included) equals it there and before it."""
+    g, e = _request()
+    model = _support_model(preset)
+    plain = InferenceEngine(model, path="plain").predict(g, e)
+    base = model.base_dose_scaled(g, e)
+    support = model.support_slices(base)
+    assert np.sum(support < plain.shape[1]) >= 3  # most of these beams stop inside the block
+    for i in range(len(e)):
+        assert not plain[i, support[i]:].any() and plain[i, support[i] - 1].max() > 0
+    engine = InferenceEngine(model, path="engine", **mode)
+    for _ in range(2):
+        out = engine.predict(g, e)
+        for i in range(len(e)):
+            assert float(np.abs(out[i] - plain[i]).max()) <= TOL * float(plain[i].max())
+    check = InferenceEngine(model, **mode).compare_with_full_pass(g, e)
+    assert check["max_abs_diff_rel"] <= TOL and check["tail_rel"] == 0.0
+
+
+def test_support_model_computes_only_its_support():
+    g, e = _request()
+    model = _support_model("tiny-pb")
+    support = model.support_slices(model.base_dose_scaled(g, e))
+    engine = InferenceEngine(model, path="engine")
+    engine.predict(g, e)
+    assert engine.last_stats["recomputed"] == 0
+    np.testing.assert_array_equal(engine.last_stats["computed"], support)
+
+
+def test_support_needs_a_base_engine_and_sane_values():
+    from dataclasses import replace
+
+    from dota.errors import InputError
+
+    with pytest.raises(InputError, match="base_engine"):
+        replace(PRESETS["tiny"], support_fraction=1e-3)
+    with pytest.raises(InputError, match="support_fraction"):
+        replace(PRESETS["tiny-pb"], support_fraction=1.5)
+    with pytest.raises(InputError, match="support_margin_mm"):
+        replace(PRESETS["tiny-pb"], support_margin_mm=-1.0)

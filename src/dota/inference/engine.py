@@ -244,10 +244,11 @@ class InferenceEngine:
         if which == "auto":
             key = self.chooser.key(digests)
             which = self.chooser.choose(key)
+        support = model.support_slices(base)
         if which == "engine":
-            out, _ = self._run(geometry, energies, g, e, batch_size, base=base, digests=digests)
+            out, _ = self._run(geometry, energies, g, e, batch_size, base=base, digests=digests, support=support)
         else:
-            out = self._plain(g, e, batch_size)
+            out = self._plain(g, e, batch_size, support)
             self.last_stats = {"beamlets": len(energies), "truncation": "none", "recomputed": 0,
                                "computed": np.full(len(energies), g.shape[1], dtype=np.int64),
                                "computed_fraction": 1.0}
@@ -255,7 +256,7 @@ class InferenceEngine:
         if key is not None:
             self.chooser.record(key, which, (time.perf_counter() - t0) / max(1, len(energies)))
         if base is not None:
-            out = out + base
+            out = _zero_beyond(out + base, support)
         return model.normalization.unscale_dose(out).clamp_min_(0).cpu().numpy()
 
     @torch.inference_mode()
@@ -266,7 +267,7 @@ class InferenceEngine:
         (for a model with a base engine: the correction, without the base dose)."""
         self._check_mode()
         geometry, energies, g, e, base = self._inputs(geometry_hu, energies_mev)
-        return self._run(geometry, energies, g, e, batch_size, base=base)
+        return self._run(geometry, energies, g, e, batch_size, base=base, support=self.model.support_slices(base))
 
     @torch.inference_mode()
     def compare_with_full_pass(self, geometry_hu: Any, energies_mev: Any, batch_size: int = 16) -> dict[str, float]:
@@ -281,11 +282,12 @@ class InferenceEngine:
         model = self.model
         geometry, energies, g, e, base = self._inputs(geometry_hu, energies_mev)  # the same for both: not timed
         n = max(1, g.shape[0])
+        support = model.support_slices(base)
         t0 = time.perf_counter()
-        ref = self._plain(g, e, batch_size)
+        ref = self._plain(g, e, batch_size, support)
         t1 = time.perf_counter()
         self.reset()
-        out, computed = self._run(geometry, energies, g, e, batch_size, base=base)
+        out, computed = self._run(geometry, energies, g, e, batch_size, base=base, support=support)
         t2 = time.perf_counter()
         self.reset()
         diff, tail = exactness(out, ref, computed)
@@ -314,18 +316,36 @@ class InferenceEngine:
         base = model.base_dose_scaled(geometry, energies)
         return geometry, energies, model.network_input(g, base), e, base
 
-    def _plain(self, g: torch.Tensor, e: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """The model's own full forward pass, in batches: the reference."""
+    def _plain(self, g: torch.Tensor, e: torch.Tensor, batch_size: int, support: np.ndarray | None = None) -> torch.Tensor:
+        """The model's own full forward pass, in batches: the reference (zero beyond a model's range
+        ``support``, :meth:`dota.model.DoTA.support_slices`)."""
         configure_allocator()
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         out = torch.empty(_dose_shape(g), dtype=g.dtype, device=g.device)
         for s in range(0, g.shape[0], batch_size):
             out[s : s + batch_size] = self.model(g[s : s + batch_size], e[s : s + batch_size], fmt)
-        return out
+        return _zero_beyond(out, support)
+
+    def _prefix_batches(self, g: torch.Tensor, e: torch.Tensor, idx: list[int], needed: np.ndarray,
+                        out: torch.Tensor, batch_size: int) -> None:
+        """The model's own forward pass over only the slices each beamlet needs (plus the look-ahead), in
+        batches of beamlets sorted by that length: exact by causality (slice ``d`` depends on slices
+        ``0 .. d + num_blocks * num_forward`` only). Fills ``out[i, :needed[i]]``."""
+        cfg = self.model.config
+        lag = cfg.num_blocks * cfg.num_forward
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        order = sorted(idx, key=lambda i: int(needed[i]))
+        for s in range(0, len(order), batch_size):
+            rows = order[s : s + batch_size]
+            k = max(int(needed[i]) for i in rows)
+            length = min(g.shape[1], k + lag)
+            dose = self.model(g[rows, :length], e[rows], fmt)
+            for j, i in enumerate(rows):
+                out[i, : int(needed[i])] = dose[j, : int(needed[i])]
 
     def _run(
         self, geometry: np.ndarray, energies: np.ndarray, g: torch.Tensor, e: torch.Tensor, batch_size: int,
-        base: torch.Tensor | None = None, digests: list[bytes] | None = None,
+        base: torch.Tensor | None = None, digests: list[bytes] | None = None, support: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, np.ndarray]:
         configure_allocator()
         self._refresh()
@@ -345,29 +365,38 @@ class InferenceEngine:
                     out[s : s + batch_size] = dose
                     computed[s : s + batch_size] = done
             else:
-                needed = self.required_slices(geometry, energies)
-                out, computed = self._run_grouped(geometry, g, e, needed, stats, digests)
-                redo = self._unverified(out, computed, base) if self.verify_tail else np.zeros(0, np.int64)
+                # a model's range support bounds its dose by construction (tighter than the physics rule, whose
+                # analytic dose lies inside it); otherwise the physics rule, checked in its margin below
+                needed = self.required_slices(geometry, energies) if support is None else support.copy()
+                out, computed = self._run_grouped(geometry, g, e, needed, stats, digests, batch_size,
+                                                  prefix_batches=support is not None)
+                redo = self._unverified(out, computed, base, support) if self.verify_tail else np.zeros(0, np.int64)
                 if redo.size:
-                    full = np.full(redo.size, num_slices, dtype=np.int64)
+                    full = np.full(redo.size, num_slices, dtype=np.int64) if support is None else support[redo]
                     redone, _ = self._run_grouped(geometry[redo], g[redo], e[redo], full, {},
-                                                  [digests[i] for i in redo])
+                                                  [digests[i] for i in redo], batch_size,
+                                                  prefix_batches=support is not None)
                     out[redo] = redone
                     computed[redo] = num_slices
                 stats["recomputed"] = int(redo.size)
+            if support is not None:  # the model's dose ends at its support, whatever path computed it
+                out = _zero_beyond(out, support)
+                computed = np.minimum(computed, support)
         stats["computed"] = computed
         stats["computed_fraction"] = float(computed.sum() / max(1, n * num_slices))
         self.last_stats = stats
         return out, computed
 
-    def _unverified(self, out: torch.Tensor, computed: np.ndarray, base: torch.Tensor | None = None) -> np.ndarray:
+    def _unverified(self, out: torch.Tensor, computed: np.ndarray, base: torch.Tensor | None = None,
+                    support: np.ndarray | None = None) -> np.ndarray:
         """Indices of truncated beamlets whose dose in the margin slices (the last ones computed) is
         still above the cutoff: the truncation cannot be trusted for them. For a model with a base
         engine, the network's correction there is compared with the maximum of the total dose."""
         num_slices = out.shape[1]
         window = max(1, int(np.ceil(self.margin_mm / float(self.model.config.voxel_mm[0]))))
         bad = []
-        for i in np.flatnonzero(computed < num_slices):
+        limit = np.full(len(computed), num_slices) if support is None else support
+        for i in np.flatnonzero(computed < limit):  # computed to the support: nothing beyond it to check
             k = int(computed[i])
             total = out[i, :k] if base is None else out[i, :k] + base[i, :k]
             peak = float(total.abs().max())
@@ -392,8 +421,11 @@ class InferenceEngine:
 
     def _run_grouped(
         self, geometry: np.ndarray, g: torch.Tensor, e: torch.Tensor, needed: np.ndarray, stats: dict[str, Any],
-        digests: list[bytes],
+        digests: list[bytes], batch_size: int = 16, prefix_batches: bool = False,
     ) -> tuple[torch.Tensor, np.ndarray]:
+        """Beamlets by group: shared geometries through the geometry-sharing path; single ones through the
+        prefix cache, or (``prefix_batches``: a model with a range support, whose beamlets rarely repeat)
+        through batched forward passes over the slices they need."""
         cfg = self.model.config
         num_slices = cfg.block_shape[0]
         lag = cfg.num_blocks * cfg.num_forward
@@ -403,6 +435,10 @@ class InferenceEngine:
         stats["groups"] = len(groups)
         queue: list[tuple[torch.Tensor, list[int], list[int]]] = []
         queued = 0
+        singles = [idx[0] for idx in groups if len(idx) == 1] if prefix_batches else []
+        if singles:
+            self._prefix_batches(g, e, singles, needed, out, batch_size)
+            groups = [idx for idx in groups if len(idx) > 1]
         for idx in groups:
             if len(idx) == 1 and self.prefix_cache is not None:
                 i = idx[0]
@@ -526,6 +562,14 @@ class PathChooser:
 def geometry_digests(geometry: np.ndarray) -> list[bytes]:
     """A 16-byte SHA-256 digest of each beamlet's HU block (N, L, H, W): equal blocks, equal digests."""
     return [hashlib.sha256(np.ascontiguousarray(block).data).digest()[:16] for block in geometry]
+
+
+def _zero_beyond(dose: torch.Tensor, support: np.ndarray | None) -> torch.Tensor:
+    """``dose`` (N, L, H, W) with slices ``support[i]`` and beyond of beamlet ``i`` set to zero (in place)."""
+    if support is not None:
+        for i in np.flatnonzero(support < dose.shape[1]):
+            dose[i, int(support[i]):] = 0
+    return dose
 
 
 def _dose_shape(x: torch.Tensor) -> tuple[int, ...]:
