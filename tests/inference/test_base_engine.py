@@ -166,3 +166,12 @@ def test_support_needs_a_base_engine_and_sane_values():
         replace(PRESETS["tiny-pb"], support_fraction=1.5)
     with pytest.raises(InputError, match="support_margin_mm"):
         replace(PRESETS["tiny-pb"], support_margin_mm=-1.0)
+
+
+def test_support_model_auto_path_is_the_engine():
+    g, e = _request()
+    engine = InferenceEngine(_support_model("tiny-pb"))
+    for _ in range(3):
+        engine.predict(g, e)
+        assert engine.last_stats["path"] == "engine"
+    assert engine.chooser.times == {}

@@ -107,7 +107,8 @@ class InferenceEngine:
         the model's full pass; ``"auto"`` (default): whichever has been faster for this kind of request
         (:class:`PathChooser`), so the engine is never slower than the plain pass for a model where
         truncation and caching do not pay (a small model, or one whose tail check recomputes most
-        beamlets). Both return the plain pass's dose on every slice the engine computes (the tested bound).
+        beamlets); a model with a range support always takes the engine path (its batched passes over each
+        beamlet's support are the plain pass's over fewer slices). Both return the plain pass's dose on every slice the engine computes (the tested bound).
     """
 
     def __init__(
@@ -241,6 +242,8 @@ class InferenceEngine:
         key = digests = None
         if which != "plain":
             digests = geometry_digests(geometry)  # once per request: the chooser and the grouping use them
+        if which == "auto" and model.config.support_fraction:
+            which = "engine"  # the plain pass's own batches over fewer slices: never slower, nothing to measure
         if which == "auto":
             key = self.chooser.key(digests)
             which = self.chooser.choose(key)

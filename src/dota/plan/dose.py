@@ -383,6 +383,8 @@ def _run_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: lis
         for blk, gi in zip(blocks, chunk):
             n = len(groups[gi])
             part = dose[start:start + n]
+            reach = np.flatnonzero(part.any(axis=(0, 2, 3)))  # slices beyond the spot's last dose add nothing
+            part = part[:, :int(reach[-1]) + 1 if reach.size else 1]
             if s0 is not None:
                 upstream = -(s0 + (windows[gi].p0 - 0.5) * voxel_mm[0])  # the block's entrance face
                 part = _entrance_spot_correction(part, energies[groups[gi]], upstream, voxel_mm)
