@@ -239,3 +239,45 @@ def test_halo_fraction_counts_only_what_lands_in_the_grid():
     grid_on, grid_off = on.stats["beam_grid_gy_mm3"], off.stats["beam_grid_gy_mm3"]
     assert on.stats["halo_fraction"] == pytest.approx((grid_on - grid_off) / grid_on, abs=1e-5)  # rounded to 5 places
     assert on.stats["halo_fraction"] < 0.06
+
+
+def _multi_chunk_plan():
+    return Plan([Beam("a", 30, 0, (0, 0, 0), [EnergyLayer(e, [[x, y] for x in (-6, 0, 6) for y in (-6, 0, 6)],
+                                                          np.linspace(0.5, 1.5, 9)) for e in (90, 100, 110)]),
+                 Beam("b", 280, 10, (0, 0, 0), [EnergyLayer(95, [[0, 0], [5, 5]], [1.0, 2.0])])], fractions=2)
+
+
+@pytest.mark.parametrize("name", ["analytic", "dota"])
+def test_worker_threads_give_the_same_dose_and_restore_torch_threads(name):
+    """Engine calls in two threads, results deposited in plan order: the dose is bit-identical, whatever
+    thread finished first, and torch's thread count is back afterwards."""
+    import torch
+
+    from dota.plan.dose import plan_workers
+
+    ct = read_ct_phantom()
+    if name == "dota":  # a model that puts dose everywhere: random weights with an active output layer
+        engine = get_engine("dota", model="tiny-pb", seed=0)
+        with torch.no_grad():
+            engine.model.decoder.out.weight.normal_(0.0, 1e-3, generator=torch.Generator().manual_seed(1))
+    else:
+        engine = get_engine(name)
+    assert engine.concurrent and plan_workers(engine) == min(2, torch.get_num_threads())
+    threads = torch.get_num_threads()
+    one = compute_plan_dose(ct, _multi_chunk_plan(), engine, max_beamlets_per_call=4, workers=1)
+    two = compute_plan_dose(ct, _multi_chunk_plan(), engine, max_beamlets_per_call=4, workers=2)
+    assert torch.get_num_threads() == threads
+    assert one.stats["engine_calls"] == two.stats["engine_calls"] >= 8 and two.stats["workers"] == 2
+    np.testing.assert_array_equal(two.dose_gy, one.dose_gy)
+    assert one.dose_gy.max() > 0
+
+
+def test_engines_that_cannot_share_threads_run_in_one():
+    from dota.plan.dose import plan_workers
+
+    spy = SpyEngine()
+    assert not spy.concurrent and plan_workers(spy) == 1
+    with pytest.raises(InputError, match="cannot run in several threads"):
+        compute_plan_dose(read_ct_phantom(), one_spot(0), spy, workers=2)
+    with pytest.raises(InputError, match="workers must be >= 1"):
+        compute_plan_dose(read_ct_phantom(), one_spot(0), spy, workers=0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
@@ -194,8 +195,10 @@ def run_dose(
     overwrite: bool = False,
     parallel_beams: bool = False,
     block_corrections: bool = True,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """``dota dose``: see the module docstring. ``parallel_beams`` sends every spot along the beam axis
+    """``dota dose``: see the module docstring. ``workers``: threads for the engine calls
+    (:func:`dota.plan.dose.plan_workers`; default one per core, at most 2, for the dota and analytic engines). ``parallel_beams`` sends every spot along the beam axis
     (no virtual source); ``block_corrections=False`` leaves out the halo and the entrance-spot correction
     of engines with MCsquare blocks (:func:`dota.plan.dose.compute_plan_dose`). Returns a summary (paths, statistics, timings), also written
     to ``summary_path`` when given. Every output is checked first (:func:`check_outputs`); existing ones are
@@ -220,6 +223,7 @@ def run_dose(
     check_outputs(files, inputs=_input_files(ct_path, plan_path, reference, specs=structures), overwrite=overwrite,
                   report_dir=report_dir, report_writes=(PAGE, PAGE_SUMMARY) + ((PAGE_DVH,) if structures else ()))
     timer = StageTimer()
+    started = time.perf_counter()
     with timer("read"):
         ct = read_patient_ct(ct_path)
         plan = read_plan(plan_path, ct)
@@ -246,7 +250,7 @@ def run_dose(
         result = compute_plan_dose(ct, plan, eng, progress=progress, max_beamlets_per_call=max_beamlets_per_call,
                                    dij=dij_path is not None, dij_threshold=dij_threshold, timer=timer,
                                    halo=False if dij_path is not None else corrections, entrance_spot=corrections,
-                                   diverging=not parallel_beams)
+                                   diverging=not parallel_beams, workers=workers)
         dose, dij = result.dose_gy, result.dij
         summary.update({k: v for k, v in result.stats.items() if k not in ("beams", "spot_energies")})
     with timer("write"):
@@ -291,6 +295,7 @@ def run_dose(
                                      title=f"{Path(plan_path).name} on {ct.name} ({engine})")
         written.append(page)
         summary["timings_s"] = timer.as_dict()
+    summary["wall_s"] = round(time.perf_counter() - started, 3)  # stages in worker threads overlap: their sum is more
     _finish(summary, written, report_dir, summary_path)
     return summary
 
