@@ -42,11 +42,12 @@ class DoseInfluence:
         return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
 
     def dose(self, mu: np.ndarray | None = None) -> np.ndarray:
-        """Plan dose (Gy, all fractions) on the CT grid for spot weights ``mu`` (MU per fraction; default the plan's)."""
+        """Plan dose (Gy, all fractions) on the CT grid for spot weights ``mu`` (MU per fraction; default the plan's),
+        clipped at zero as the plan dose is (the entrance correction's small negative tails)."""
         w = self.mu if mu is None else np.asarray(mu, dtype=np.float64)
         if w.shape != (self.matrix.shape[1],):
             raise InputError(f"{w.shape} weights for a dose-influence matrix of {self.matrix.shape[1]} spot-energies")
-        return (self.fractions * (self.matrix @ w)).astype(np.float32).reshape(self.ct_shape)
+        return np.maximum(self.fractions * (self.matrix @ w), 0.0).astype(np.float32).reshape(self.ct_shape)
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -90,12 +91,12 @@ class DijBuilder:
         ``gy_per_mu_per_unit`` (protons per MU / 1e9), carried into the CT by ``sampler``."""
         vals = sampler.sample(block_dose_per_1e9) * gy_per_mu_per_unit
         rows = sampler.flat_index
-        good = vals > 0
+        good = vals != 0  # the entrance correction's small negative tails stay, so the matrix sums as the plan
         if self.keep is not None:
             good &= self.keep[rows]
         self._all += float(vals[good].sum())
         if self.threshold > 0 and vals.size:
-            good &= vals >= self.threshold * float(vals.max())
+            good &= np.abs(vals) >= self.threshold * float(vals.max())
         rows, vals = rows[good], vals[good]
         self._kept += float(vals.sum())
         self._cols[int(column)] = (rows.astype(np.int32 if self.n_rows < 2**31 else np.int64), vals.astype(np.float32))
