@@ -211,3 +211,129 @@ def test_lattice_profiles_equal_the_general_ones_bit_for_bit(rows, cols):
     want_x = _lateral_profiles((idx_c - (cols - 1) / 2.0) * 2.0, sigma, cols, 2.0)
     got_y, got_x = _lattice_profiles(idx_r, idx_c, sigma, rows, cols, 2.0)
     assert torch.equal(got_y, want_y) and torch.equal(got_x, want_x)
+
+
+# -- the fast engine against the engine as it was (tests/engines/analytic_reference.py) -------------------
+
+
+def _reference_cases():
+    """Heterogeneous blocks (phantoms with bone, lung and air; slabs of bone and air, one beside the axis; air
+    columns beside the body that carry the beam to the end of the block), several energies."""
+    from dota.physics import make_phantom
+
+    rng = np.random.default_rng(11)
+    blocks = [make_phantom(kind, rng) for kind in ("heterogeneous", "lung", "bone", "slab")]
+    g = np.zeros((150, 24, 24), np.float32)
+    g[10:20] = 1500.0  # a bone slab
+    g[30:45, :, 14:] = -1000.0  # air beside the axis
+    blocks.append(g)
+    g = np.full((150, 24, 24), -1000.0, np.float32)  # a head in air: air columns reach the end of the block
+    g[5:, 4:20, 3:21] = rng.integers(-100, 1300, size=(145, 16, 18))
+    blocks.append(g)
+    g = np.zeros((150, 24, 24), np.float32)
+    g[:25] = -1000.0  # air gap before water
+    blocks.append(g)
+    geometry = np.stack(blocks)
+    energies = np.array([70.0, 95.5, 130.0, 160.0, 190.0, 225.0, 110.0], np.float32)
+    return geometry, energies
+
+
+@pytest.mark.parametrize("spot_model", ["dota", "beam-model"])
+def test_bit_identical_option_gives_the_old_numbers(spot_model):
+    """``bit_identical=True``: the old engine's float32 doses bit for bit, plan-like batches included
+    (each geometry repeated for several energies, one after the other)."""
+    from tests.engines.analytic_reference import reference_dose
+
+    geometry, energies = _reference_cases()
+    geometry = np.repeat(geometry, 2, axis=0)
+    energies = np.repeat(energies, 2) + np.tile(np.array([0.0, 7.5], np.float32), len(energies))
+    energies = np.clip(energies, *ENGINE_ENERGY_RANGE_MEV)
+    engine = AnalyticEngine(spot_model=spot_model, bit_identical=True)
+    want = reference_dose(engine, geometry, energies)
+    got = engine.dose(geometry, energies)
+    assert want.max() > 0
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+
+
+@pytest.mark.parametrize("spot_model", ["dota", "beam-model"])
+def test_default_within_1e6_of_the_old_numbers(spot_model):
+    """The default (deeper slices summed over the sub-pencils that reach them): within 1e-6 of each beamlet's
+    maximum of the old engine, and bit for bit where every sub-pencil reaches (the first slices)."""
+    from tests.engines.analytic_reference import reference_dose
+
+    geometry, energies = _reference_cases()
+    engine = AnalyticEngine(spot_model=spot_model)
+    want = reference_dose(engine, geometry, energies)
+    got = engine.dose(geometry, energies)
+    for i in range(len(energies)):
+        assert np.abs(got[i] - want[i]).max() <= 1e-6 * want[i].max(), i
+        np.testing.assert_array_equal(got[i, :5], want[i, :5])
+
+
+@pytest.mark.parametrize("voxel_mm, shape", [((2.0, 2.0, 2.5), (120, 24, 20)), ((2.5, 1.5, 1.5), (100, 24, 24)),
+                                             ((1.5, 1.5, 1.5), (120, 20, 26)), ((2.0, 2.0, 2.0), (90, 9, 31))])
+def test_other_voxels_and_block_shapes_give_the_old_numbers(voxel_mm, shape):
+    """Non-square voxels (the general profiles), square voxels off 2 mm (roundings of the lattice path) and
+    non-square blocks; non-integer CT numbers (the RSP table lookup does not apply)."""
+    from dota.physics import make_phantom
+    from tests.engines.analytic_reference import reference_dose
+
+    rng = np.random.default_rng(5)
+    geometry = np.stack([make_phantom("heterogeneous", rng, shape, voxel_mm) for _ in range(2)])
+    geometry[1] += rng.uniform(-0.5, 0.5, size=geometry[1].shape).astype(np.float32)
+    energies = np.array([85.0, 170.0], np.float32)
+    for exact in (True, False):
+        engine = AnalyticEngine(bit_identical=exact)
+        want = reference_dose(engine, geometry, energies, voxel_mm)
+        got = engine.dose(geometry, energies, voxel_mm)
+        if exact:
+            np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+        else:
+            for i in range(len(energies)):
+                assert np.abs(got[i] - want[i]).max() <= 1e-6 * want[i].max()
+
+
+def test_erfc_is_zero_where_it_is_not_evaluated():
+    """The argument from which the engine takes float32 erfc as 0: every float32 from there to 10.25 gives 0,
+    the one below it does not (on the torch that runs the tests)."""
+    import math
+
+    import torch
+
+    from dota.engines.analytic import _erfc_zero_from
+
+    start = _erfc_zero_from()
+    assert 10.0 < start < 10.25
+    lo, hi = np.float32(start).view(np.int32), np.float32(10.25).view(np.int32)
+    x = torch.from_numpy(np.arange(lo, hi + 1, dtype=np.int32).view(np.float32))
+    assert bool((torch.erfc(x) == 0).all()) and float(torch.erfc(torch.tensor([math.inf]))[0]) == 0.0
+    assert float(torch.erfc(torch.tensor([np.nextafter(np.float32(start), np.float32(0))]))[0]) > 0
+
+
+def test_depth_groups_cover_every_weighted_row():
+    """Every (depth, sub-pencil) with weight lies in exactly one group that sums over it."""
+    from dota.engines.analytic import _depth_groups
+
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        depth, k = int(rng.integers(1, 150)), int(rng.integers(1, 400))
+        last = rng.integers(0, depth + 1, k)
+        weight = (np.arange(depth)[:, None] < last[None, :]) * rng.uniform(0.5, 1.0, (depth, k))
+        covered = np.zeros((depth, k), int)
+        starts = []
+        for d0, d1, sub in _depth_groups(weight.astype(np.float32)):
+            starts.append(d0)
+            covered[d0:d1, slice(None) if sub is None else sub] += 1
+        assert np.all(covered[weight != 0] == 1) and np.all(covered <= 1)
+        assert starts == sorted(starts)
+
+
+def test_rsp_lookup_is_hu_to_rsp():
+    from dota.engines.analytic import _rsp_of_hu
+
+    rng = np.random.default_rng(3)
+    whole = rng.integers(-5000, 9000, size=(150, 576)).astype(np.float32)
+    np.testing.assert_array_equal(_rsp_of_hu(whole), hu_to_rsp(whole))
+    fractional = whole + np.float32(0.25)
+    np.testing.assert_array_equal(_rsp_of_hu(fractional), hu_to_rsp(fractional))
+    np.testing.assert_array_equal(_rsp_of_hu(whole.astype(np.float64)), hu_to_rsp(whole))
