@@ -23,9 +23,9 @@ between materials of the same WED, lateral transport of range differences beyond
 (edge-scatter effects behind sharp interfaces are smoothed), and anything below ~1e-8 of the peak.
 
 Computation. The physics above is evaluated with the same floating-point operations as engine
-version 1.0, only less of it and in fewer passes; with ``bit_identical=True`` the doses are the old
-float32 numbers bit for bit, by default within 1e-6 of each beamlet's maximum (tests against the old
-engine, kept in ``tests/engines/analytic_reference.py``):
+version 1.0, only less of it and in fewer passes: the doses are the old float32 numbers bit for bit
+(``bit_identical=False``: within 1e-6 of each beamlet's maximum; tests against the old engine, kept in
+``tests/engines/analytic_reference.py``):
 
 - per geometry (a plan sends each spot's block once per energy layer, consecutively; a repeat is
   recognised with ``np.array_equal`` against the previous block): RSP (a lookup table of
@@ -39,15 +39,16 @@ engine, kept in ``tests/engines/analytic_reference.py``):
   otherwise) are computed only for (depth, sub-pencil) rows with weight, erfc only below the argument
   where float32 erfc is exactly 0 and only up to the farthest voxel, and read from a table of mirrored
   differences by ``torch.index_select`` on sliding windows instead of gathers;
-- by default (not ``bit_identical``), ``torch.bmm`` sums the deeper groups of depth slices over the
+- with ``bit_identical=False``, ``torch.bmm`` sums the deeper groups of depth slices over the
   sub-pencils that still reach them only (:func:`_depth_groups`).
 
 Speed (2-core AMD EPYC VM, another job on the other core, 1 torch thread; the 1,908 spot-energy blocks of
 the head-and-neck plan, 150 x 24 x 24 voxels of 2 mm, the ``dota`` spot, in plan order and calls of 64
 blocks; old and new interleaved call by call, medians of 7 repeats, ranges in brackets): engine 1.0
-OLD_MS ms per beamlet, now NEW_MS ms (SPEEDUP x) by default and BIT_MS ms (BIT_SPEEDUP x) with
-``bit_identical=True``; largest difference of the default from the old doses MAXREL of the beamlet's
-maximum. The erfc (a fifth of the time) and ``torch.bmm`` are the largest parts left.
+13.0 [12.4-13.7] ms per beamlet, now 7.5 [7.1-8.4] ms, 1.71x [1.60-1.76], bit-identical; with
+``bit_identical=False`` 7.0 [6.4-7.6] ms, 1.86x [1.80-1.95], at most 8.9e-7 of the beamlet's maximum
+(1.3e-6 Gy per 1e9 protons) from the old doses. The erfc evaluations (a fifth of the time) and
+``torch.bmm`` are the largest parts left.
 """
 
 from __future__ import annotations
@@ -414,11 +415,11 @@ class AnalyticEngine(DoseEngine):
         elliptical core, 3-6 % of the protons in a wide halo); the engine ``analytic-bdl`` in
         :data:`dota.engines.base.BUILTIN_ENGINES`.
     bit_identical : bool
-        True: every depth slice is summed over every sub-pencil, as before this version (the same float32
-        numbers, bit for bit). False (default): sub-pencils that no longer reach a group of deeper slices
-        are left out of those slices' sums (:func:`_depth_groups`): the same terms summed in another
-        order, within 1e-6 of each beamlet's maximum (5e-7 at most on the head-and-neck plan; tests)
-        and 8 % faster.
+        True (default): every depth slice is summed over every sub-pencil, as before: the doses of engine
+        version 1.0, float32 bit for bit. False: sub-pencils that no longer reach a group of deeper slices
+        are left out of those slices' sums (:func:`_depth_groups`): the same terms summed by ``torch.bmm``
+        in another order, within 1e-6 of each beamlet's maximum (8.9e-7 at most over the 1,908 beamlets of
+        the head-and-neck plan; tests) and about 8 % faster.
     """
 
     name = "analytic"
@@ -429,7 +430,7 @@ class AnalyticEngine(DoseEngine):
     concurrent = True  # stateless: worker() is the engine itself
 
     def __init__(self, spot_sigma_mm: float | None = None, spot_model: str = "dota", *,
-                 bit_identical: bool = False) -> None:
+                 bit_identical: bool = True) -> None:
         if spot_sigma_mm is not None and not (np.isfinite(spot_sigma_mm) and spot_sigma_mm > 0):
             raise InputError(f"spot_sigma_mm must be a positive number of mm, got {spot_sigma_mm!r}")
         if spot_model not in SPOT_MODELS:

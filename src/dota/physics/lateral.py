@@ -16,9 +16,11 @@ somewhat more). In water the width at the end of range comes out near 2 % of the
 figure measurements and Monte Carlo give.
 
 :func:`mcs_sigma_from_wed_mm` is :func:`mcs_sigma_mm` from its energy-independent parts (what the
-analytic engine keeps per geometry), the same numbers bit for bit, 2-3x faster per call than the
-earlier single function (one prefix sum for three moments through ``torch.cumsum``, the scattering
-power once for all voxels beyond the range, the PSTAR logs taken once).
+analytic engine keeps per geometry), the same numbers bit for bit: one prefix sum for the three
+moments through ``torch.cumsum``, the scattering power once for all voxels beyond the range, the PSTAR
+logs taken once. :func:`mcs_sigma_mm` is 1.2-1.5x faster than before on 56-150 x 470 pencils; in the
+analytic engine, with the geometry's parts kept and each column computed to its reach, the width
+takes 0.5-0.9 ms per beamlet instead of 2 ms.
 """
 
 from __future__ import annotations
