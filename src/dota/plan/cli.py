@@ -98,8 +98,8 @@ def add_commands(sub: argparse._SubParsersAction, add_common: Callable[..., None
                    help="leave out the halo outside each block and the entrance-spot correction that engines "
                    "with MCsquare blocks (the default model, mcsquare) get (for comparison; docs/plans.md)")
     p.add_argument("--workers", type=positive_int,
-                   help="threads for the engine calls, each with one torch thread (default: one per core, at most 2, "
-                        "for the dota and analytic engines; 1 for mcsquare); the dose is the same for any number")
+                   help="threads for the engine calls, each with one torch thread, beside the deposition (dota and "
+                        "analytic engines; default 1, which was faster on 2 cores); the dose is the same for any number")
     p.add_argument("--max-beamlets-per-call", type=positive_int, default=128,
                    help="bound on beamlets per engine call (memory; default 128)")
     p.add_argument("--summary", type=Path, help="write the run's summary (statistics, timings) as JSON")

@@ -170,8 +170,8 @@ def compute_plan_dose(
         Engine calls run in this many threads (each with its own copy of the engine, from
         :meth:`~dota.engines.base.DoseEngine.worker`, and one torch thread; the machine's cores shared
         out), while this thread cuts blocks ahead and deposits the results in plan order, so the dose is the
-        same for any number of workers. Default (:func:`plan_workers`): one per torch thread, at most 2, for engines
-        that can run so (``engine.concurrent``: the analytic and the DoTA engine on the CPU), else 1.
+        same for any number of workers; more than one needs an engine that can run so (``engine.concurrent``:
+        the analytic and the DoTA engine on the CPU). Default 1 (:func:`plan_workers`: faster on 2 cores).
     """
     from dota.plan.dij import DijBuilder
 
@@ -384,17 +384,15 @@ def _entrance_spot_correction(part: np.ndarray, energies: np.ndarray, upstream_m
 
 
 def plan_workers(engine: Any, workers: int | None = None) -> int:
-    """Threads for a plan's engine calls: ``workers`` when given (>= 1), else one per torch thread (the
-    cores, unless limited, e.g. by a Ray worker), at most 2, and only for an engine that can run in several threads (``engine.concurrent``; 1 otherwise).
-    Measured on 2 cores: two 1-thread workers ran the default model's head-and-neck plan faster than one
-    2-thread torch (README)."""
-    if workers is not None:
-        if int(workers) < 1:
-            raise InputError(f"workers must be >= 1, got {workers}")
-        return int(workers)
-    import torch
-
-    return min(2, torch.get_num_threads()) if getattr(engine, "concurrent", False) else 1
+    """Threads for a plan's engine calls: ``workers`` when given (>= 1; more than 1 only for an engine that can
+    run in several threads, ``engine.concurrent``), else 1. Measured on this project's 2-core VM (the
+    1,908 spot-energy head-and-neck plan, default model, quiet): one engine with 2 torch threads 29.1-33.1 s,
+    two 1-thread workers 37.9-41.7 s, so one is the default; machines with more cores may gain."""
+    if workers is None:
+        return 1
+    if int(workers) < 1:
+        raise InputError(f"workers must be >= 1, got {workers}")
+    return int(workers)
 
 
 class _EnginePool:

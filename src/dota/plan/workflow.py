@@ -198,7 +198,7 @@ def run_dose(
     workers: int | None = None,
 ) -> dict[str, Any]:
     """``dota dose``: see the module docstring. ``workers``: threads for the engine calls
-    (:func:`dota.plan.dose.plan_workers`; default one per core, at most 2, for the dota and analytic engines). ``parallel_beams`` sends every spot along the beam axis
+    (:func:`dota.plan.dose.plan_workers`; default 1). ``parallel_beams`` sends every spot along the beam axis
     (no virtual source); ``block_corrections=False`` leaves out the halo and the entrance-spot correction
     of engines with MCsquare blocks (:func:`dota.plan.dose.compute_plan_dose`). Returns a summary (paths, statistics, timings), also written
     to ``summary_path`` when given. Every output is checked first (:func:`check_outputs`); existing ones are
