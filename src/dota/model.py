@@ -442,7 +442,7 @@ class DoTA(nn.Module):
         dose = AnalyticEngine(spot_model=spot_model).dose(geometry_hu, energies_mev, self.config.voxel_mm)
         return torch.from_numpy(dose).to(self.device) / float(self.normalization.dose_max)
 
-    def support_slices(self, base_scaled: torch.Tensor | None, num_slices: int | None = None) -> np.ndarray | None:
+    def support_slices(self, base_scaled: torch.Tensor | None) -> np.ndarray | None:
         """Slices ``[0, s)`` that may hold dose, per beamlet (N,), for a model with a range support
         (``config.support_fraction > 0``): ``s`` is ``ceil(support_margin_mm / depth voxel)`` slices past the
         last slice where the base dose (N, L, H, W) exceeds ``support_fraction`` of its maximum, at most L.
@@ -453,13 +453,12 @@ class DoTA(nn.Module):
         if not cfg.support_fraction or base_scaled is None:
             return None
         n, length = base_scaled.shape[:2]
-        length = length if num_slices is None else int(num_slices)
         if n == 0:
             return np.zeros(0, dtype=np.int64)
-        per_slice = base_scaled.reshape(n, base_scaled.shape[1], -1).amax(dim=2)  # (N, L)
+        per_slice = base_scaled.reshape(n, length, -1).amax(dim=2)  # (N, L)
         peak = per_slice.amax(dim=1, keepdim=True)
         above = (per_slice > cfg.support_fraction * peak) & (peak > 0)
-        idx = torch.arange(per_slice.shape[1], device=per_slice.device).expand_as(per_slice)
+        idx = torch.arange(length, device=per_slice.device).expand_as(per_slice)
         last = torch.where(above, idx, torch.full_like(idx, -1)).amax(dim=1).cpu().numpy()
         margin = int(np.ceil(cfg.support_margin_mm / float(cfg.voxel_mm[0]) - 1e-9))
         return np.clip(last + 1 + margin, 1, length).astype(np.int64)

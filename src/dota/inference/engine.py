@@ -373,12 +373,12 @@ class InferenceEngine:
                 needed = self.required_slices(geometry, energies) if support is None else support.copy()
                 out, computed = self._run_grouped(geometry, g, e, needed, stats, digests, batch_size,
                                                   prefix_batches=support is not None)
-                redo = self._unverified(out, computed, base, support) if self.verify_tail else np.zeros(0, np.int64)
+                check = self.verify_tail and support is None  # computed to its support: nothing beyond to check
+                redo = self._unverified(out, computed, base) if check else np.zeros(0, np.int64)
                 if redo.size:
-                    full = np.full(redo.size, num_slices, dtype=np.int64) if support is None else support[redo]
+                    full = np.full(redo.size, num_slices, dtype=np.int64)
                     redone, _ = self._run_grouped(geometry[redo], g[redo], e[redo], full, {},
-                                                  [digests[i] for i in redo], batch_size,
-                                                  prefix_batches=support is not None)
+                                                  [digests[i] for i in redo])
                     out[redo] = redone
                     computed[redo] = num_slices
                 stats["recomputed"] = int(redo.size)
@@ -390,16 +390,14 @@ class InferenceEngine:
         self.last_stats = stats
         return out, computed
 
-    def _unverified(self, out: torch.Tensor, computed: np.ndarray, base: torch.Tensor | None = None,
-                    support: np.ndarray | None = None) -> np.ndarray:
+    def _unverified(self, out: torch.Tensor, computed: np.ndarray, base: torch.Tensor | None = None) -> np.ndarray:
         """Indices of truncated beamlets whose dose in the margin slices (the last ones computed) is
         still above the cutoff: the truncation cannot be trusted for them. For a model with a base
         engine, the network's correction there is compared with the maximum of the total dose."""
         num_slices = out.shape[1]
         window = max(1, int(np.ceil(self.margin_mm / float(self.model.config.voxel_mm[0]))))
         bad = []
-        limit = np.full(len(computed), num_slices) if support is None else support
-        for i in np.flatnonzero(computed < limit):  # computed to the support: nothing beyond it to check
+        for i in np.flatnonzero(computed < num_slices):
             k = int(computed[i])
             total = out[i, :k] if base is None else out[i, :k] + base[i, :k]
             peak = float(total.abs().max())

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dota.physics.ranges import PROTON_MASS_MEV, _positive, csda_range_mm, load_pstar
+from dota.physics.ranges import _loglog, _positive, csda_range_mm, pv_mev
 
 #: Spot sigma (mm) in air at the block entrance against nominal energy (MeV), interpolated linearly.
 SPOT_SIGMA_MM_NODES: tuple[tuple[float, float], ...] = (
@@ -148,11 +148,7 @@ def _scattering_power(residual_mm: np.ndarray) -> np.ndarray:
     ``_MIN_RESIDUAL_RANGE_MM``), with pv as :func:`dota.physics.ranges.pv_mev`: the operations of
     ``(HIGHLAND_ES_MEV / pv_mev(energy_from_csda_range_mev(r))) ** 2 / WATER_RADIATION_LENGTH_MM``,
     element by element, in place."""
-    e = _energy_from_residual_range_mev(residual_mm)
-    pv = np.add(e, 2.0 * PROTON_MASS_MEV)  # pv = e (e + 2M) / (e + M)
-    pv *= e
-    e += PROTON_MASS_MEV
-    pv /= e
+    pv = pv_mev(_energy_from_residual_range_mev(residual_mm))
     np.divide(HIGHLAND_ES_MEV, pv, out=pv)
     np.square(pv, out=pv)
     pv /= WATER_RADIATION_LENGTH_MM
@@ -170,31 +166,10 @@ def prefix_sum(values: np.ndarray, axis: int = 0) -> np.ndarray:
     return out
 
 
-_PSTAR_LOGS: list = []
-
-
 def _energy_from_residual_range_mev(range_mm: np.ndarray) -> np.ndarray:
     """:func:`dota.physics.ranges.energy_from_csda_range_mev` for ranges known to be finite and positive
-    (residual ranges, at least ``_MIN_RESIDUAL_RANGE_MM``): the same operations (log-log interpolation,
-    power-law ends; bit-identical, tests), with the table's logs taken once and the ends applied only
-    when some range needs them."""
-    if not _PSTAR_LOGS:
-        table = load_pstar()
-        lxp, lfp = np.log(table.csda_range_mm), np.log(table.energy_mev)
-        lo_slope = (lfp[1] - lfp[0]) / (lxp[1] - lxp[0])
-        hi_slope = (lfp[-1] - lfp[-2]) / (lxp[-1] - lxp[-2])
-        _PSTAR_LOGS.append((lxp, lfp, lo_slope, hi_slope))
-    lxp, lfp, lo_slope, hi_slope = _PSTAR_LOGS[0]
-    lx = np.log(range_mm)
-    out = np.interp(lx, lxp, lfp)
-    for beyond, node, value, slope in ((lx < lxp[0], lxp[0], lfp[0], lo_slope),
-                                       (lx > lxp[-1], lxp[-1], lfp[-1], hi_slope)):
-        if beyond.any():  # value + slope * (lx - node)
-            end = np.subtract(lx, node)
-            end *= slope
-            end += value
-            np.copyto(out, end, where=beyond)
-    return np.exp(out, out=out)
+    (residual ranges, at least ``_MIN_RESIDUAL_RANGE_MM``): the same interpolation without the input check."""
+    return _loglog(range_mm, to_energy=True)
 
 
 def mcs_sigma_water_mm(depth_mm: np.ndarray, energy_mev: float, step_mm: float = 0.5) -> np.ndarray:

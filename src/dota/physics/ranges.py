@@ -56,15 +56,28 @@ def load_pstar() -> PstarTable:
     return PstarTable(energy_mev=energy_mev, csda_range_mm=range_mm)
 
 
-def _loglog(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
-    """Piecewise-linear interpolation in log-log space, power-law extrapolation from the end segments."""
-    lx, lxp, lfp = np.log(x), np.log(xp), np.log(fp)
+@functools.lru_cache(maxsize=2)
+def _log_table(to_energy: bool) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """The PSTAR table's logs (range to energy, or energy to range) and its end segments' slopes, taken once."""
+    table = load_pstar()
+    xp, fp = (table.csda_range_mm, table.energy_mev) if to_energy else (table.energy_mev, table.csda_range_mm)
+    lxp, lfp = np.log(xp), np.log(fp)
+    return lxp, lfp, (lfp[1] - lfp[0]) / (lxp[1] - lxp[0]), (lfp[-1] - lfp[-2]) / (lxp[-1] - lxp[-2])
+
+
+def _loglog(x: np.ndarray, to_energy: bool) -> np.ndarray:
+    """The PSTAR table interpolated piecewise-linearly in log-log space at ``x`` (finite, positive; ranges in mm
+    to energies with ``to_energy``, else energies to ranges), power-law extrapolation from the end segments
+    (applied only where some point needs it)."""
+    x = np.asarray(x, dtype=np.float64)
+    lxp, lfp, lo_slope, hi_slope = _log_table(bool(to_energy))
+    lx = np.log(x.reshape(-1))
     out = np.interp(lx, lxp, lfp)
-    lo_slope = (lfp[1] - lfp[0]) / (lxp[1] - lxp[0])
-    hi_slope = (lfp[-1] - lfp[-2]) / (lxp[-1] - lxp[-2])
-    out = np.where(lx < lxp[0], lfp[0] + lo_slope * (lx - lxp[0]), out)
-    out = np.where(lx > lxp[-1], lfp[-1] + hi_slope * (lx - lxp[-1]), out)
-    return np.exp(out)
+    for beyond, node, value, slope in ((lx < lxp[0], lxp[0], lfp[0], lo_slope),
+                                       (lx > lxp[-1], lxp[-1], lfp[-1], hi_slope)):
+        if beyond.any():
+            np.copyto(out, value + slope * (lx - node), where=beyond)
+    return np.exp(out, out=out).reshape(x.shape)
 
 
 def _positive(values, what: str) -> np.ndarray:
@@ -77,16 +90,14 @@ def _positive(values, what: str) -> np.ndarray:
 def csda_range_mm(energy_mev: np.ndarray | float) -> np.ndarray | float:
     """CSDA range of protons in water, mm, for kinetic energies in MeV (vectorised; scalar in, scalar out)."""
     energy = _positive(energy_mev, "energy (MeV)")
-    table = load_pstar()
-    out = _loglog(energy, table.energy_mev, table.csda_range_mm)
+    out = _loglog(energy, to_energy=False)
     return float(out) if out.ndim == 0 else out
 
 
 def energy_from_csda_range_mev(range_mm: np.ndarray | float) -> np.ndarray | float:
     """Inverse of :func:`csda_range_mm`: the kinetic energy (MeV) whose CSDA range in water is ``range_mm``."""
     ranges_mm = _positive(range_mm, "range (mm)")
-    table = load_pstar()
-    out = _loglog(ranges_mm, table.csda_range_mm, table.energy_mev)
+    out = _loglog(ranges_mm, to_energy=True)
     return float(out) if out.ndim == 0 else out
 
 

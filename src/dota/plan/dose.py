@@ -285,7 +285,6 @@ def _beam_dose(ct: PatientCT, beam: Beam, fractions: int, pool: _EnginePool, tim
             count = 0
         chunks[-1].append(gi)
         count += len(groups[gi])
-    shifts = shifts if shifts is not None else [None] * len(windows)
 
     def infer(chunk: list[int], engine: Any) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         return _infer_chunk(chunk, hu_grid, windows, groups, energies, engine, column0, timer, block_shape,
@@ -392,6 +391,8 @@ def plan_workers(engine: Any, workers: int | None = None) -> int:
         return 1
     if int(workers) < 1:
         raise InputError(f"workers must be >= 1, got {workers}")
+    if int(workers) > 1 and not getattr(engine, "concurrent", False):
+        raise InputError(f"the {getattr(engine, 'name', '?')} engine cannot run in several threads: use workers=1")
     return int(workers)
 
 
@@ -410,8 +411,6 @@ class _EnginePool:
             import torch
             from concurrent.futures import ThreadPoolExecutor
 
-            if not getattr(self.engine, "concurrent", False):
-                raise InputError(f"the {self.engine.name} engine cannot run in several threads: use workers=1")
             self._threads = torch.get_num_threads()
             torch.set_num_threads(max(1, self._threads // self.n))
             self._pool = ThreadPoolExecutor(max_workers=self.n, thread_name_prefix="dota-plan")
@@ -473,7 +472,7 @@ def _deposit_chunk(chunk: list[int], blocks: list[np.ndarray], idx: np.ndarray, 
                    s0: float | None, shifts: list) -> None:
     scale = protons[idx] / PRIMARIES_UNIT
     halo_inputs = []
-    corrected: dict[int, np.ndarray] = {}  # entrance-corrected blocks, for the dose-influence matrix
+    parts: dict[int, np.ndarray] = {}  # each spot's blocks as deposited (to their last dose; corrected), for the matrix
     with timer("deposit"):
         start = 0
         for blk, gi in zip(blocks, chunk):
@@ -484,7 +483,7 @@ def _deposit_chunk(chunk: list[int], blocks: list[np.ndarray], idx: np.ndarray, 
             if s0 is not None:
                 upstream = -(s0 + (windows[gi].p0 - 0.5) * voxel_mm[0])  # the block's entrance face
                 part = _entrance_spot_correction(part, energies[groups[gi]], upstream, voxel_mm)
-                corrected[gi] = part
+            parts[gi] = part
             spot = np.tensordot(scale[start:start + n], part, axes=(0, 0))
             bev.deposit_window(dose_grid, windows[gi], spot, shifts[gi])
             # range check along the block's central columns
@@ -511,16 +510,11 @@ def _deposit_chunk(chunk: list[int], blocks: list[np.ndarray], idx: np.ndarray, 
                 stats["halo_gy_mm3"] += float(added) * float(np.prod(voxel_mm))
     if builder is not None:
         with timer("dij"):
-            start = 0
             for gi in chunk:
-                n = len(groups[gi])
-                spot_dose = dose[start:start + n]
-                depth = int(np.nonzero(spot_dose.any(axis=(0, 2, 3)))[0].max(initial=-1)) + 1
-                sampler = carrier.window_sampler(windows[gi], block_shape, depth=depth, shifts=shifts[gi])
-                blocks_of_spot = corrected.get(gi, dose[start:start + n])
-                for m in range(n):
-                    spot_index = int(groups[gi][m])
+                blocks_of_spot = parts[gi]
+                sampler = carrier.window_sampler(windows[gi], block_shape, depth=blocks_of_spot.shape[1],
+                                                 shifts=shifts[gi])
+                for m, spot_index in enumerate(groups[gi]):
                     gy_per_mu = float(protons_per_mu(energies[spot_index])) / PRIMARIES_UNIT  # one fraction
-                    builder.add(column0 + spot_index, sampler, blocks_of_spot[m], gy_per_mu)
-                start += n
+                    builder.add(column0 + int(spot_index), sampler, blocks_of_spot[m], gy_per_mu)
     bar.update(len(idx))
