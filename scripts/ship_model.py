@@ -127,6 +127,17 @@ def card(record: dict[str, Any]) -> str:
         f"(scaled dose), {tr['hours']:.2f} h on {tr.get('machine', 'this machine')}. History: "
         "`default.json` (`training.history`).",
         "",
+    ]
+    for ft in record.get("fine_tuning") or []:
+        lines += [
+            f"Then fine-tuned from it: `{ft['command']}`: {ft['epochs_done']} epochs (best: {ft['best_epoch']}), "
+            f"loss = voxel MSE + {ft['integral_weight']:g} x the lateral-integral term (`dota.train.training_loss`: "
+            "errors shared by the voxels of 3 x 3 cells and of whole slices, which voxel MSE lets stand in the "
+            f"low-dose tails), best validation objective {ft['best_val_loss']:.3e} (voxel MSE "
+            f"{ft['best_val_mse']:.3e}), {ft['hours']:.2f} h. History: `default.json` (`fine_tuning`).",
+            "",
+        ]
+    lines += [
         "## Accuracy against Monte Carlo (held-out patients)",
         "",
         f"Gamma {CRIT} with the paper's protocol (global, normalised to each beamlet's MC maximum), relative "
@@ -224,10 +235,24 @@ def write_golden(source: Path, out: Path, checkpoint: Path, per_site: int) -> di
     return result
 
 
+def _fine_tuning(run: Path) -> dict:
+    """What the card says of a fine-tuning run (``dota train --init``): its command, loss and best epoch."""
+    summary = _load(run, "summary.json")
+    history = summary.get("history", [])
+    best = min(history, key=lambda r: r["val_loss"])
+    return {"command": summary.get("command"), "init": summary["config"].get("init"),
+            "integral_weight": summary["config"].get("integral_weight", 0.0),
+            "epochs_done": summary.get("epochs_done"), "best_epoch": best["epoch"],
+            "best_val_loss": best["val_loss"], "best_val_mse": best.get("val_mse", best["val_loss"]),
+            "hours": sum(r.get("seconds", 0.0) for r in history) / 3600, "history": history}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--train", type=Path, required=True, help="training run folder (summary.json, history.json)")
+    p.add_argument("--fine-tune", type=Path, action="append", default=[],
+                   help="fine-tuning run folder started from --train's model (dota train --init; repeatable, in order)")
     p.add_argument("--eval-dota", type=Path, required=True, help="evaluate folder: the model on the test set")
     p.add_argument("--eval-analytic", type=Path, required=True, help="evaluate folder: analytic on the test set")
     p.add_argument("--val-dota", type=Path)
@@ -287,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             "history": history,
             "checkpoint_extra": json.loads(meta.get("extra", "{}")),
         },
+        "fine_tuning": [_fine_tuning(d) for d in args.fine_tune],
         "test": {"dota": _metrics(_load(args.eval_dota, "metrics.json")),
                  "analytic": _metrics(_load(args.eval_analytic, "metrics.json"))},
         "validation": {"dota": _metrics(_load(args.val_dota, "metrics.json")) if args.val_dota else None,

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,3 +84,56 @@ def test_torchrun_ddp_two_processes(small_h5, tmp_path):
     # both ranks must have held the same weights: rank 0's checkpoint reproduces its validation loss
     model = load_model(tmp_path / "ddp" / "last.safetensors")
     assert model.num_parameters() > 0
+
+
+def test_training_loss_integral_term_counts_shared_error_not_noise():
+    from dota.train import INTEGRAL_GRIDS, training_loss
+
+    target = torch.rand(2, 5, 24, 24)
+    assert float(training_loss(target, target, 1.0)) == 0.0
+    pred = target + 0.01  # one bias over every voxel: each cell's n voxels count it n times
+    n_cells = sum(24 * 24 / (r * c) for r, c in INTEGRAL_GRIDS)
+    assert float(training_loss(pred, target)) == pytest.approx(1e-4, rel=1e-4)
+    assert float(training_loss(pred, target, 0.5)) == pytest.approx(1e-4 * (1 + 0.5 * n_cells), rel=1e-4)
+    # independent noise: the term expects the noise variance, as the voxel MSE does
+    gen = torch.Generator().manual_seed(0)
+    noise = 0.01 * torch.randn(64, 10, 24, 24, generator=gen)
+    extra = float(training_loss(target.new_zeros(noise.shape), noise, 1.0)) - float(training_loss(noise * 0, noise))
+    assert extra == pytest.approx(len(INTEGRAL_GRIDS) * 1e-4, rel=0.1)
+    # an error that sums to zero over every cell adds nothing
+    checker = 0.01 * (torch.arange(24)[:, None] + torch.arange(24)[None, :]).remainder(2).mul(2).sub(1).float()
+    flat = checker.expand(1, 1, 24, 24)
+    assert float(training_loss(flat, flat * 0, 3.0)) == pytest.approx(float(training_loss(flat, flat * 0)), rel=1e-6)
+
+
+def test_fine_tuning_starts_from_the_checkpoint_and_keeps_its_model(small_h5, tmp_path):
+    first = train(small_h5, tmp_path / "a", TrainConfig(**{**CFG, "epochs": 1}), progress=False)
+    init = first["best_checkpoint"]
+    base = load_model(init)
+    with pytest.raises(InputError, match="--init or --preset"):
+        train(small_h5, tmp_path / "b", TrainConfig(**{**CFG, "init": init}), progress=False)
+    cfg = {k: v for k, v in CFG.items() if k != "preset"}
+    with pytest.raises(DataFileError, match="does not exist"):
+        train(small_h5, tmp_path / "c", TrainConfig(**cfg, init=str(tmp_path / "none.safetensors")), progress=False)
+    # a learning rate too small to move the weights: the run ends where the checkpoint began
+    tuned = train(small_h5, tmp_path / "d", TrainConfig(**{**cfg, "epochs": 1, "lr": 1e-12}, init=init,
+                                                      integral_weight=0.5), progress=False)
+    model = load_model(tmp_path / "d" / "last.safetensors")
+    assert model.config == base.config
+    assert model.normalization.to_dict() == base.normalization.to_dict()
+    for (k, a), b in zip(base.state_dict().items(), model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    record = tuned["history"][0]
+    assert record["val_loss"] > record["val_mse"] > 0  # the objective holds the integral term beside the MSE
+    # interrupted and resumed, a fine-tuning run needs its state only (the checkpoint may be gone)
+    def crash(epoch, step):
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(small_h5, tmp_path / "e", TrainConfig(**cfg, init=init, integral_weight=0.5), progress=False,
+              on_step=crash)
+    full = train(small_h5, tmp_path / "f", TrainConfig(**cfg, init=init, integral_weight=0.5), progress=False)
+    Path(init).rename(tmp_path / "moved.safetensors")
+    resumed = train(small_h5, tmp_path / "e", resume=True, progress=False)
+    assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in full["history"]]

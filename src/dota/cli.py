@@ -98,7 +98,7 @@ def _add_overwrite(p: argparse.ArgumentParser, what: str = "an existing output f
 #: ``dota train`` options passed on only when given (the others: TrainConfig's defaults for a new run, the
 #: saved settings for a resumed one, which refuses given values that differ).
 _TRAIN_OPTIONS = ("preset", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "lr_halving_epochs",
-                  "val_fraction", "checkpoint_every", "seed", "device")
+                  "val_fraction", "checkpoint_every", "seed", "device", "init", "integral_weight")
 
 
 # -- commands ----------------------------------------------------------------------------------------
@@ -280,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=_fraction, help="share of the data held out for validation (default 0.1)")
     p.add_argument("--no-augment", action="store_true", help="no random 90-degree lateral rotations")
     p.add_argument("--flips", action="store_true", help="also random lateral flips")
+    p.add_argument("--init", help="fine-tune: start from this checkpoint's weights, model and normalisation "
+                   "(instead of --preset)")
+    p.add_argument("--integral-weight", type=_non_negative_float,
+                   help="weight of the loss term on lateral dose integrals (3x3 cells and whole slices), which "
+                   "keeps the low-dose tails unbiased (default 0: voxel MSE only)")
     p.add_argument("--checkpoint-every", type=non_negative_int,
                    help="save resumable state every N steps (0: at epoch ends only; default 50)")
     p.add_argument("--resume", action="store_true",

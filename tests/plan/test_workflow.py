@@ -138,3 +138,23 @@ def test_beamlet_only_options_are_refused_for_mcsquare_plan(made_plan, dicom_ct,
                  "--parallel-beams", "--out", str(tmp_path / "d.mhd"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "apply to beamlet engines" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_several_references_are_averaged(made_plan, dicom_ct, tmp_path):
+    from dota.plan.doseio import read_dose, write_dose
+
+    dose, grid = read_dose(made_plan / "plan_dose.mhd")
+    write_dose(tmp_path / "high.mhd", dose * 1.1, grid)  # two "runs" 10 % off each way: their mean is the dose
+    write_dose(tmp_path / "low.mhd", dose * 0.9, grid)
+    rates = {}
+    for name, refs in (("one", ["high.mhd"]), ("two", ["high.mhd", "low.mhd"])):
+        args = ["dose", "--ct", str(dicom_ct), "--plan", str(made_plan / "plan.dcm"), "--engine", "analytic",
+                "--out", str(tmp_path / f"{name}.mhd"), "--summary", str(tmp_path / f"{name}.json"), "--no-progress"]
+        for r in refs:
+            args += ["--reference", str(tmp_path / r)]
+        assert main(args) == 0
+        gamma = json.loads((tmp_path / f"{name}.json").read_text())["gamma"]
+        assert gamma["references"] == [str(tmp_path / r) for r in refs]
+        rates[name] = gamma["pass_rate_percent"]
+    assert rates["two"] == pytest.approx(100.0) and rates["one"] < 90.0

@@ -85,7 +85,9 @@ def add_commands(sub: argparse._SubParsersAction, add_common: Callable[..., None
                    "sphere:x,y,z,r (repeatable)")
     p.add_argument("--dvh", type=Path, help="DVH table (CSV; also <stem>_stats.csv and <stem>.png)")
     p.add_argument("--prescription", type=positive_float, help="prescribed dose (Gy) for V95/V107 in the DVH stats")
-    p.add_argument("--reference", type=Path, help="reference dose (RTDOSE/MHD/NIfTI) for the gamma map (2%%/2mm)")
+    p.add_argument("--reference", type=Path, action="append",
+                   help="reference dose (RTDOSE/MHD/NIfTI) for the gamma map (2%%/2mm); repeat it for independent "
+                   "runs of one reference (Monte Carlo seeds): their mean is the reference")
     p.add_argument("--report", type=Path, help="folder for the plan page (index.html)")
     p.add_argument("--dij", type=Path, help="write the dose-influence matrix (scipy.sparse, compressed .npz); it, and the "
                    "dose of a run with it, leave out the halo outside each block (docs/plans.md)")

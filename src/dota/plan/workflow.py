@@ -185,7 +185,7 @@ def run_dose(
     structures: list[str] | None = None,
     dvh_csv: str | os.PathLike | None = None,
     prescription_gy: float | None = None,
-    reference: str | os.PathLike | None = None,
+    reference: str | os.PathLike | list[str | os.PathLike] | None = None,
     report_dir: str | os.PathLike | None = None,
     dij_path: str | os.PathLike | None = None,
     dij_threshold: float = 1e-3,
@@ -197,7 +197,9 @@ def run_dose(
     block_corrections: bool = True,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """``dota dose``: see the module docstring. ``workers``: threads for the engine calls
+    """``dota dose``: see the module docstring. ``reference``: a reference dose, or several independent runs
+    of one (Monte Carlo with different seeds), whose mean is the reference (its noise falls as 1/sqrt(runs)).
+    ``workers``: threads for the engine calls
     (:func:`dota.plan.dose.plan_workers`; default 1). ``parallel_beams`` sends every spot along the beam axis
     (no virtual source); ``block_corrections=False`` leaves out the halo and the entrance-spot correction
     of engines with MCsquare blocks (:func:`dota.plan.dose.compute_plan_dose`). Returns a summary (paths, statistics, timings), also written
@@ -216,11 +218,12 @@ def run_dose(
     if engine == "mcsquare-plan" and (parallel_beams or not block_corrections):
         raise InputError("--parallel-beams and --no-block-corrections apply to beamlet engines (dota, analytic, "
                          "mcsquare), not to MCsquare's own plan simulation")
+    references = [] if reference is None else [reference] if isinstance(reference, (str, os.PathLike)) else list(reference)
     files = [("--out", f) for o in outputs for f in dose_files(o)]
     files += [("--dvh", f) for f in dvh_files(dvh_csv)] if dvh_csv is not None else []
     files += [("--dij", dij_file(dij_path))] if dij_path is not None else []
     files += [("--summary", summary_path)] if summary_path is not None else []
-    check_outputs(files, inputs=_input_files(ct_path, plan_path, reference, specs=structures), overwrite=overwrite,
+    check_outputs(files, inputs=_input_files(ct_path, plan_path, *references, specs=structures), overwrite=overwrite,
                   report_dir=report_dir, report_writes=(PAGE, PAGE_SUMMARY) + ((PAGE_DVH,) if structures else ()))
     timer = StageTimer()
     started = time.perf_counter()
@@ -270,15 +273,17 @@ def run_dose(
                 written.append(plot_dvh(dvh_files(dvh_csv)[2], dvhs, prescription_gy=prescription_gy))
         summary["dvh"] = {h.name: {k: round(v, 4) for k, v in h.stats.items()} for h in dvhs}
     gamma = None
-    if reference is not None:
+    if references:
         from dota.plan.doseio import read_dose, resample_to_ct
         from dota.plan.report import plan_gamma
 
         with timer("gamma"):
-            ref, grid = read_dose(reference)
-            ref = resample_to_ct(ref, grid, ct)
-            gamma = plan_gamma(dose, ref, ct)
-        summary["gamma"] = {"criteria": gamma.criteria, "pass_rate_percent": round(gamma.pass_rate_percent, 3),
+            ref = np.zeros(ct.shape, dtype=np.float64)
+            for path in references:  # independent runs of one reference: their mean
+                one, grid = read_dose(path)
+                ref += resample_to_ct(one, grid, ct)
+            gamma = plan_gamma(dose, ref / len(references), ct)
+        summary["gamma"] = {"criteria": gamma.criteria, "references": [str(r) for r in references], "pass_rate_percent": round(gamma.pass_rate_percent, 3),
                             "voxels": gamma.evaluated,
                             "pass_rate_in_patient_percent": round(gamma.pass_rate_in_patient_percent, 3),
                             "voxels_in_patient": gamma.evaluated_in_patient}
