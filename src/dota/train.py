@@ -295,6 +295,7 @@ def train(
     if steps_per_epoch == 0:
         raise InputError(f"{len(train_ds)} training beamlets are fewer than one batch of {cfg.batch_size}")
     local_batch = cfg.batch_size // ddp.world
+    data_engines = _data_engines(paths)
     if ddp.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if overwrite:  # a new run: nothing of the old one may be resumed or reported as this one's
@@ -391,9 +392,10 @@ def train(
         improved = val_loss < best_val
         best_val = min(best_val, val_loss)
         if ddp.main:
+            extra = {"epoch": epoch + 1, "val_loss": val_loss, "data_engines": data_engines}
             if improved:
-                save_model(model, out_dir / BEST_FILE, extra={"epoch": epoch + 1, "val_loss": val_loss})
-            save_model(model, out_dir / LAST_FILE, extra={"epoch": epoch + 1, "val_loss": val_loss})
+                save_model(model, out_dir / BEST_FILE, extra=extra)
+            save_model(model, out_dir / LAST_FILE, extra=extra)
             write_history(history, out_dir)
             msg = (f"epoch {epoch + 1}/{cfg.epochs}: train {record['train_loss']:.3e} "
                    f"val {val_loss:.3e} lr {record['lr']:.1e}")
@@ -441,6 +443,16 @@ def train(
 def _count(path: Path) -> int:
     with BeamletFile(path) as f:
         return len(f)
+
+
+def _data_engines(paths: list[Path]) -> list[str]:
+    """The engines that made the training files (their ``engine`` attribute), for the checkpoint's record:
+    plans give a model trained on MCsquare blocks MCsquare's block corrections (:class:`~dota.engines.learned.LearnedEngine`)."""
+    engines = set()
+    for path in paths:
+        with BeamletFile(path) as f:
+            engines.add(str(f.attrs.get("engine", "unknown")))
+    return sorted(engines)
 
 
 def _collate(items: list[tuple[torch.Tensor, ...]], device: torch.device) -> tuple[torch.Tensor, ...]:

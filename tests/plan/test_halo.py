@@ -252,3 +252,29 @@ def test_the_shipped_model_by_path_gets_the_corrections_too():
     from dota.engines.learned import LearnedEngine
 
     assert LearnedEngine(str(default_model_path())).mcsquare_blocks is True
+
+
+def test_a_checkpoint_records_its_training_data_engine(tmp_path):
+    """A model a user trains on MCsquare blocks gets MCsquare's block corrections in plans without a flag
+    (found: a fine-tuned default model, loaded by path, lost them and its plan fell 10 gamma points)."""
+    from dota.checkpoint import load_model, save_model
+    from dota.engines.learned import LearnedEngine
+
+    model = load_model("tiny", seed=0)
+    for engines, expected in ((["mcsquare"], True), (["analytic"], False), (["analytic", "mcsquare"], False)):
+        path = save_model(model, tmp_path / f"{'-'.join(engines)}.safetensors", extra={"data_engines": engines})
+        assert LearnedEngine(str(path)).mcsquare_blocks is expected
+    old = save_model(model, tmp_path / "old.safetensors", extra={"epoch": 3})  # no record: as before
+    assert LearnedEngine(str(old)).mcsquare_blocks is False
+
+
+def test_training_writes_the_data_engine_into_its_checkpoints(small_h5, tmp_path):
+    from dota.checkpoint import read_checkpoint_metadata
+    from dota.data.hdf5 import BeamletFile
+    from dota.train import TrainConfig, train
+
+    with BeamletFile(small_h5) as f:
+        engine = f.attrs["engine"]
+    summary = train(small_h5, tmp_path / "run", TrainConfig(preset="tiny", epochs=1, batch_size=4,
+                                                           validate_cache_beamlets=0), progress=False)
+    assert read_checkpoint_metadata(summary["best_checkpoint"])["extra"]["data_engines"] == [engine]

@@ -20,8 +20,9 @@ class LearnedEngine(DoseEngine):
     stays where it is.
 
     ``mcsquare_blocks`` (:attr:`DoseEngine.mcsquare_blocks`: plans add the dose outside each block and
-    correct the entrance spot size) is true for the shipped model (trained on MCsquare blocks, as its card
-    records), false for other models unless ``mcsquare_blocks=True``.
+    correct the entrance spot size) is true for a model trained on MCsquare blocks only: the shipped model
+    (its card lists the data) and checkpoints whose record says so (``dota train`` writes the training
+    files' engines into each checkpoint); false for others unless ``mcsquare_blocks=True``.
     """
 
     name = "dota"
@@ -70,15 +71,21 @@ class LearnedEngine(DoseEngine):
 
 
 def _trained_on_mcsquare(model: object) -> bool:
-    """Whether ``model`` is the shipped default model (by name or path) and its card lists MCsquare training data. Other
-    checkpoints do not record their data's engine: pass ``mcsquare_blocks=True`` for a model trained on MCsquare."""
+    """Whether ``model`` was trained on MCsquare blocks only: a checkpoint whose record (``extra``) lists
+    ``data_engines`` ``["mcsquare"]``, or the shipped default model (by name or path) whose card lists MCsquare
+    training data. Checkpoints without that record (written before it was kept) give False: pass
+    ``mcsquare_blocks=True`` for one trained on MCsquare."""
     import json
     from importlib import resources
 
     from pathlib import Path
 
-    from dota.checkpoint import DEFAULT_MODEL, default_model_path
+    from dota.checkpoint import DEFAULT_MODEL, default_model_path, read_checkpoint_metadata
 
+    if isinstance(model, (str, Path)) and model != DEFAULT_MODEL and Path(model).is_file():
+        engines = read_checkpoint_metadata(model)["extra"].get("data_engines")
+        if engines is not None:
+            return list(engines) == ["mcsquare"]
     if model != DEFAULT_MODEL:  # the shipped file named by its path is the same model
         try:
             if not isinstance(model, (str, Path)) or Path(model).resolve() != default_model_path().resolve():
