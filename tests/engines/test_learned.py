@@ -42,3 +42,23 @@ def test_no_module_takes_its_device_from_the_training_code() -> None:
     offenders = [str(p.relative_to(src)) for p in src.rglob("*.py")
                  if "from dota.train import resolve_device" in p.read_text()]
     assert offenders == []
+
+
+def test_plan_dose_is_the_dose_before_clipping() -> None:
+    """Plans sum the model's beamlets unclipped (each beamlet clipped at zero biased a plan's dose up)."""
+    from dota.engines.learned import LearnedEngine
+
+    eng = LearnedEngine()  # the shipped model: its correction dips a little below zero around the beam
+    geometry = np.zeros((2, 150, 24, 24), dtype=np.float32)  # water
+    energies = np.array([100.0, 130.0], dtype=np.float32)
+    signed, clipped = eng.plan_dose(geometry, energies), eng.dose(geometry, energies)
+    assert signed.min() < 0 <= clipped.min()
+    np.testing.assert_array_equal(np.maximum(signed, 0), clipped)
+    with pytest.raises(InputError, match="voxel size"):
+        eng.plan_dose(geometry, energies, (1.0, 1.0, 1.0))
+
+
+def test_other_engines_give_plans_their_dose() -> None:
+    geometry = np.zeros((1, 150, 24, 24), dtype=np.float32)
+    eng = get_engine("analytic")
+    np.testing.assert_array_equal(eng.plan_dose(geometry, [120.0]), eng.dose(geometry, [120.0]))

@@ -88,6 +88,19 @@ class DoseEngine(abc.ABC):
         ``seeds`` (N,) are the beamlets' own seeds (:func:`beamlet_seed`) for engines that sample
         (Monte Carlo); deterministic engines ignore them."""
 
+    def plan_dose(
+        self,
+        geometry_hu: np.ndarray,
+        energies_mev: np.ndarray,
+        voxel_mm: tuple[float, float, float] = VOXEL_MM,
+        *,
+        seeds: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """The beamlet dose a plan sums (:mod:`dota.plan.dose`): :meth:`dose`, except where an engine's
+        beamlets are estimates that clipping at zero would bias (the learned model: its small negative
+        values around zero cancel across the spots of a plan, whose total is clipped instead)."""
+        return self.dose(geometry_hu, energies_mev, voxel_mm, seeds=seeds)
+
     def file_attrs(self) -> dict[str, Any]:
         """Attributes this engine contributes to a dataset file (``dataset-format.md``)."""
         return {

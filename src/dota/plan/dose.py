@@ -460,7 +460,7 @@ def _infer_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: l
     # reuse a Monte Carlo engine's random streams; deterministic engines ignore seeds
     seeds = [beamlet_seed(engine.seed, column0 + int(i)) for i in idx]
     with timer("infer"):
-        dose = engine.dose(geometry, energies[idx].astype(np.float32), voxel_mm, seeds=seeds)
+        dose = engine.plan_dose(geometry, energies[idx].astype(np.float32), voxel_mm, seeds=seeds)
     return blocks, idx, dose
 
 
