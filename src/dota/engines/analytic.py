@@ -427,7 +427,7 @@ class AnalyticEngine(DoseEngine):
     primaries = 0
     hu_calibration = HU_CALIBRATION_NAME
     energy_range_mev = ENGINE_ENERGY_RANGE_MEV
-    concurrent = True  # stateless: worker() is the engine itself
+    concurrent = True  # CPU only, nothing shared but its tables (thread-local workspaces)
 
     def __init__(self, spot_sigma_mm: float | None = None, spot_model: str = "dota", *,
                  bit_identical: bool = True) -> None:

@@ -62,16 +62,10 @@ class DoseEngine(abc.ABC):
     #: then adds what a spot puts outside its block (:mod:`dota.plan.halo`) and corrects each block for the
     #: spot's size where it really enters (upstream of the isocentre: :mod:`dota.plan.dose`).
     mcsquare_blocks: bool = False
-    #: Whether :meth:`worker` gives a copy of this engine that may run beside it in another thread (plan dose
-    #: runs its engine calls in worker threads when so: :func:`dota.plan.dose.plan_workers`).
+    #: Whether copies of this engine may run at once in forked worker processes, each on its share of the
+    #: cores (a CPU engine with no state shared beyond what it reads): plan dose then runs its engine calls
+    #: in several (:func:`dota.plan.dose.plan_workers`).
     concurrent: bool = False
-
-    def worker(self) -> DoseEngine:
-        """An engine giving the same doses, safe to call in another thread while this one runs (only for a
-        ``concurrent`` engine): ``self`` for a stateless engine, a copy with its own caches otherwise."""
-        if not self.concurrent:
-            raise InputError(f"the {self.name} engine cannot run in several threads")
-        return self
 
     @abc.abstractmethod
     def dose(

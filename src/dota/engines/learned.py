@@ -52,15 +52,6 @@ class LearnedEngine(DoseEngine):
         self.mcsquare_blocks = _trained_on_mcsquare(model) if mcsquare_blocks is None else bool(mcsquare_blocks)
         self.concurrent = self.model.device.type == "cpu"  # on a GPU one stream of calls keeps it busy
 
-    def worker(self) -> LearnedEngine:
-        """The same model behind its own inference engine (caches, statistics): safe beside this one in
-        another thread (inference only reads the weights)."""
-        if not self.concurrent:
-            return super().worker()
-        twin = LearnedEngine(self.model, batch_size=self.batch_size, mcsquare_blocks=self.mcsquare_blocks)
-        twin.source, twin.runner.path = self.source, self.runner.path
-        return twin
-
     def dose(self, geometry_hu: np.ndarray, energies_mev: np.ndarray, voxel_mm=VOXEL_MM, *,
              seeds: Sequence[int] | None = None) -> np.ndarray:
         """The model's dose (see :meth:`DoseEngine.dose`); deterministic, so ``seeds`` are ignored."""

@@ -2,7 +2,8 @@
 
 Locally ``ray.init(num_cpus=workers)`` is started (and shut down) when Ray is not already running;
 ``ray_address`` joins a cluster instead. Each task takes ``cpus_per_job`` CPUs and sets torch to that many
-threads, so ``workers`` jobs run at once on a machine of ``workers * cpus_per_job`` cores.
+threads (a plan's own engine workers share those out: :func:`dota.plan.dose.plan_workers`), so ``workers``
+jobs run at once on a machine of ``workers * cpus_per_job`` cores.
 """
 
 from __future__ import annotations

@@ -23,8 +23,9 @@ def _print_summary(summary: dict, keys: tuple[str, ...]) -> None:
             print(f"{k}: {summary[k]}")
     timings = summary.get("timings_s", {})
     if timings:
-        total = (f"; wall {summary['wall_s']:.2f} (engine calls ran in {summary['workers']} threads beside the rest)"
-                 if summary.get("workers", 1) > 1 and "wall_s" in summary else f"; total {sum(timings.values()):.2f}")
+        total = f"; total {sum(timings.values()):.2f}"
+        if summary.get("workers", 1) > 1:
+            total += f" (engine calls in {summary['workers']} worker processes)"
         print("time per stage (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()) + total)
     for p in summary.get("written", []):
         print(f"wrote {p}")
@@ -100,8 +101,9 @@ def add_commands(sub: argparse._SubParsersAction, add_common: Callable[..., None
                    help="leave out the halo outside each block and the entrance-spot correction that engines "
                    "with MCsquare blocks (the default model, mcsquare) get (for comparison; docs/plans.md)")
     p.add_argument("--workers", type=positive_int,
-                   help="threads for the engine calls, each with one torch thread, beside the deposition (dota and "
-                        "analytic engines; default 1, which was faster on 2 cores); the dose is the same for any number")
+                   help="worker processes for the engine calls, the cores' torch threads shared out, beside the "
+                        "deposition (dota and analytic engines on the CPU; default one per core, at most 4; 1: "
+                        "in this process); the dose is the same for any number")
     p.add_argument("--max-beamlets-per-call", type=positive_int, default=128,
                    help="bound on beamlets per engine call (memory; default 128)")
     p.add_argument("--summary", type=Path, help="write the run's summary (statistics, timings) as JSON")

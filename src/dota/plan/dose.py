@@ -42,6 +42,8 @@ halo follows to the nearest voxel. The dose-influence matrix samples the same sh
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
+import os
 import threading
 import time
 from collections import defaultdict
@@ -66,8 +68,7 @@ MAX_BEAMLETS_PER_CALL = 128
 
 
 class StageTimer:
-    """Wall-clock seconds per named stage (``time.perf_counter``), summed over repeated entries (and over
-    threads: stages that run in worker threads beside others add up to more than the wall time)."""
+    """Wall-clock seconds per named stage (``time.perf_counter``), summed over repeated entries (thread-safe)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -167,11 +168,11 @@ def compute_plan_dose(
         slice by slice onto the ray, in the CT it is cut from and in the dose it leaves (module docstring);
         False: parallel beams. The dose-influence matrix follows the rays too.
     workers
-        Engine calls run in this many threads (each with its own copy of the engine, from
-        :meth:`~dota.engines.base.DoseEngine.worker`, and one torch thread; the machine's cores shared
-        out), while this thread cuts blocks ahead and deposits the results in plan order, so the dose is the
-        same for any number of workers; more than one needs an engine that can run so (``engine.concurrent``:
-        the analytic and the DoTA engine on the CPU). Default 1 (:func:`plan_workers`: faster on 2 cores).
+        Engine calls run in this many forked worker processes (each inherits the engine and gets its share
+        of the cores as torch threads), while this process cuts blocks ahead and deposits the results in plan
+        order, so the dose is the same for any number of workers; more than one needs an engine that can run
+        so (``engine.concurrent``: the analytic and the DoTA engine on the CPU) and a system that forks
+        (Linux). Default (:func:`plan_workers`): one per usable core, at most 4, for such an engine, else 1.
     """
     from dota.plan.dij import DijBuilder
 
@@ -202,7 +203,7 @@ def compute_plan_dose(
     column = 0
     n_workers = plan_workers(engine, workers)
     stats["workers"] = n_workers
-    with _EnginePool(engine, n_workers) as pool:
+    with _EnginePool(engine, n_workers, int(max_beamlets_per_call), block_shape) as pool:
         for b in plan.beams:
             beam_total = _beam_dose(ct, b, plan.fractions, pool, timer, stats, builder, column, progress,
                                     int(max_beamlets_per_call), supersample, block_shape, voxel_mm)
@@ -286,14 +287,12 @@ def _beam_dose(ct: PatientCT, beam: Beam, fractions: int, pool: _EnginePool, tim
         chunks[-1].append(gi)
         count += len(groups[gi])
 
-    def infer(chunk: list[int], engine: Any) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        return _infer_chunk(chunk, hu_grid, windows, groups, energies, engine, column0, timer, block_shape,
-                            voxel_mm, shifts)
-
+    jobs = (_prepare_chunk(c, hu_grid, windows, groups, energies, pool.engine, column0, timer, block_shape, voxel_mm,
+                           shifts) for c in chunks)
     try:
-        for chunk, (blocks, idx, dose) in zip(chunks, pool.map(infer, chunks)):
+        for chunk, (job, dose) in zip(chunks, pool.map(jobs, timer)):
             stats["engine_calls"] += 1
-            _deposit_chunk(chunk, blocks, idx, dose, windows, groups, energies, protons, dose_grid, carrier, builder,
+            _deposit_chunk(chunk, job.blocks, job.idx, dose, windows, groups, energies, protons, dose_grid, carrier, builder,
                            column0, timer, stats, block_shape, voxel_mm, bar, centre, hu_to_rsp, csda_range_mm, halo,
                            s0, shifts)
     finally:
@@ -382,86 +381,177 @@ def _entrance_spot_correction(part: np.ndarray, energies: np.ndarray, upstream_m
     return out
 
 
+#: Most worker processes a plan starts by default (:func:`plan_workers`).
+DEFAULT_MAX_WORKERS = 4
+
+
+def _cpu_budget() -> int:
+    """The cores a plan may use: torch's thread count in this process (the CLI sets it to the machine's cores,
+    a Ray batch task to its CPUs)."""
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
 def plan_workers(engine: Any, workers: int | None = None) -> int:
-    """Threads for a plan's engine calls: ``workers`` when given (>= 1; more than 1 only for an engine that can
-    run in several threads, ``engine.concurrent``), else 1. Measured on this project's 2-core VM (the
-    1,908 spot-energy head-and-neck plan, default model, quiet): one engine with 2 torch threads 29.1-33.1 s,
-    two 1-thread workers 37.9-41.7 s, so one is the default; machines with more cores may gain."""
+    """Worker processes for a plan's engine calls: ``workers`` when given (>= 1; more than 1 only for an
+    engine that can run so, ``engine.concurrent``, on a system that can fork), else for such an engine one
+    per core of the CPU budget (torch's thread count; at most :data:`DEFAULT_MAX_WORKERS`), otherwise 1. Measured on this project's 2-core
+    VM (the engine on the 1,908 spot-energy head-and-neck plan's blocks, default model, quiet): one process
+    with 2 torch threads 13.6-14.1 ms per spot-energy, two processes with one thread each 10.3-10.8 ms (the
+    model's analytic base dose is single-threaded numpy for a good part); worker threads instead of
+    processes were slower than one process (the interpreter's lock)."""
+    can = bool(getattr(engine, "concurrent", False)) and "fork" in mp.get_all_start_methods()
     if workers is None:
-        return 1
+        return min(_cpu_budget(), DEFAULT_MAX_WORKERS) if can else 1
     if int(workers) < 1:
         raise InputError(f"workers must be >= 1, got {workers}")
-    if int(workers) > 1 and not getattr(engine, "concurrent", False):
-        raise InputError(f"the {getattr(engine, 'name', '?')} engine cannot run in several threads: use workers=1")
+    if int(workers) > 1 and not can:
+        raise InputError(f"the {getattr(engine, 'name', '?')} engine cannot run in several worker processes here: "
+                         "use workers=1")
     return int(workers)
 
 
-class _EnginePool:
-    """Engine calls in ``n`` threads, each with its own engine copy and one torch thread (the cores shared
-    out), results in submission order; ``n = 1`` runs them in the calling thread with the engine itself."""
+@dataclass
+class _Job:
+    """One engine call of a plan: the chunk's blocks (one per spot), how many energies each goes through,
+    those energies and the spot-energies' seeds, in plan order."""
 
-    def __init__(self, engine: Any, n: int) -> None:
+    blocks: list[np.ndarray]
+    idx: np.ndarray
+    repeats: list[int]
+    energies: np.ndarray
+    seeds: list[int]
+    voxel_mm: tuple[float, float, float]
+
+    def run(self, engine: Any) -> np.ndarray:
+        geometry = np.concatenate([np.repeat(b[None], r, axis=0) for b, r in zip(self.blocks, self.repeats)])
+        return engine.plan_dose(geometry, self.energies, self.voxel_mm, seeds=self.seeds)
+
+
+def _worker_main(engine: Any, conn: Any, buffer: Any, shape: tuple[int, ...], threads: int) -> None:
+    """A forked worker: jobs from ``conn``, each dose written into the shared ``buffer`` and its count sent back
+    (a dose larger than the buffer, or the exception, goes through the pipe); ``None`` ends it."""
+    import torch
+
+    torch.set_num_threads(threads)  # before any torch work here: no OpenMP pool inherited across the fork
+    out = np.frombuffer(buffer, dtype=np.float32).reshape(shape)
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        try:
+            dose = job.run(engine)
+            if len(dose) > len(out):  # one spot with more energies than a call's bound: through the pipe
+                conn.send(("dose", dose))
+                continue
+            out[:len(dose)] = dose
+            conn.send(("ok", len(dose)))
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the plan, which re-raises it
+            try:
+                conn.send(("error", exc))
+            except Exception:  # an exception that does not pickle: its text
+                conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+
+
+class _EnginePool:
+    """A plan's engine calls in ``n`` forked worker processes (each inherits the engine and runs it on its share
+    of this process's torch threads; doses come back through shared memory), results in submission order while
+    the calling process cuts blocks and deposits; ``n = 1`` runs them in the calling process."""
+
+    def __init__(self, engine: Any, n: int, max_beamlets: int, block_shape: tuple[int, int, int]) -> None:
         self.engine, self.n = engine, int(n)
-        self._pool = None
-        self._local = threading.local()
-        self._threads: int | None = None
+        self.shape = (int(max_beamlets), *block_shape)
+        self._workers: list[tuple[Any, Any, np.ndarray]] = []
 
     def __enter__(self) -> _EnginePool:
         if self.n > 1:
-            import torch
-            from concurrent.futures import ThreadPoolExecutor
+            import mmap
 
-            self._threads = torch.get_num_threads()
-            torch.set_num_threads(max(1, self._threads // self.n))
-            self._pool = ThreadPoolExecutor(max_workers=self.n, thread_name_prefix="dota-plan")
+            ctx = mp.get_context("fork")
+            threads = max(1, _cpu_budget() // self.n)
+            for _ in range(self.n):
+                buffer = mmap.mmap(-1, int(np.prod(self.shape)) * 4)  # anonymous, shared with the child
+                mine, theirs = ctx.Pipe()
+                proc = ctx.Process(target=_worker_main, args=(self.engine, theirs, buffer, self.shape, threads),
+                                   daemon=True, name="dota-plan-worker")
+                proc.start()
+                theirs.close()
+                self._workers.append((proc, mine, np.frombuffer(buffer, dtype=np.float32).reshape(self.shape)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._pool is not None:
-            import torch
+        for proc, conn, _ in self._workers:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for proc, conn, _ in self._workers:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+            conn.close()
+        self._workers = []
 
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            torch.set_num_threads(self._threads)
-            self._pool = None
+    def _reply(self, w: int) -> np.ndarray:
+        proc, conn, out = self._workers[w]
+        try:
+            while not conn.poll(1.0):
+                if not proc.is_alive():
+                    raise EOFError
+            status, value = conn.recv()
+        except (EOFError, OSError):
+            proc.join(timeout=5)
+            raise RuntimeError(f"plan worker process {w} died (exit code {proc.exitcode}; out of memory?)") from None
+        if status == "error":
+            raise value
+        if status == "dose":
+            return value
+        return out[:value].copy()  # the worker's buffer takes its next job once this returns
 
-    def _engine(self) -> Any:
-        engine = getattr(self._local, "engine", None)
-        if engine is None:
-            engine = self._local.engine = self.engine.worker()
-        return engine
-
-    def map(self, fn: Any, items: list) -> Iterator:
-        """``fn(item, engine)`` for each item, in order; at most ``n + 1`` results held at once."""
-        if self._pool is None:
-            for item in items:
-                yield fn(item, self.engine)
+    def map(self, jobs: Iterator[_Job], timer: StageTimer) -> Iterator[tuple[_Job, np.ndarray]]:
+        """``(job, dose)`` for each job, in order; ``timer``'s "infer" holds the time spent waiting on (or, with
+        one worker, running) the engine."""
+        if not self._workers:
+            for job in jobs:
+                with timer("infer"):
+                    dose = job.run(self.engine)
+                yield job, dose
             return
         from collections import deque
 
-        pending: deque = deque()
-        for item in items:
-            pending.append(self._pool.submit(lambda it=item: fn(it, self._engine())))
-            if len(pending) > self.n:
-                yield pending.popleft().result()
+        pending: deque[tuple[int, _Job]] = deque()
+        jobs = iter(jobs)
+        for w in range(self.n):
+            job = next(jobs, None)
+            if job is None:
+                break
+            self._workers[w][1].send(job)
+            pending.append((w, job))
         while pending:
-            yield pending.popleft().result()
+            w, job = pending.popleft()
+            with timer("infer"):
+                dose = self._reply(w)
+            nxt = next(jobs, None)  # its blocks are cut while the worker that just finished waits for it
+            if nxt is not None:
+                self._workers[w][1].send(nxt)
+                pending.append((w, nxt))
+            yield job, dose
 
 
-def _infer_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: list[np.ndarray], energies: np.ndarray,
-                 engine: Any, column0: int, timer: StageTimer, block_shape: tuple[int, int, int],
-                 voxel_mm: tuple[float, float, float], shifts: list) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """The chunk's blocks cut from the beam grid, its spot-energy indices and the engine's dose for them."""
+def _prepare_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: list[np.ndarray], energies: np.ndarray,
+                   engine: Any, column0: int, timer: StageTimer, block_shape: tuple[int, int, int],
+                   voxel_mm: tuple[float, float, float], shifts: list) -> _Job:
+    """The chunk's engine call: its blocks cut from the beam grid, its spot-energy indices, energies, seeds."""
     with timer("rotate"):
         blocks = [bev.cut_block(hu_grid, windows[gi], block_shape,
                                 None if shifts[gi] is None else np.rint(shifts[gi]).astype(np.int64)) for gi in chunk]
-        geometry = np.concatenate([np.repeat(blk[None], len(groups[gi]), axis=0) for blk, gi in zip(blocks, chunk)])
     idx = np.concatenate([groups[gi] for gi in chunk])
     # each spot-energy its own seed, from its index in the plan (not in this call): chunks and beams never
     # reuse a Monte Carlo engine's random streams; deterministic engines ignore seeds
     seeds = [beamlet_seed(engine.seed, column0 + int(i)) for i in idx]
-    with timer("infer"):
-        dose = engine.plan_dose(geometry, energies[idx].astype(np.float32), voxel_mm, seeds=seeds)
-    return blocks, idx, dose
+    return _Job(blocks, idx, [len(groups[gi]) for gi in chunk], energies[idx].astype(np.float32), seeds, voxel_mm)
 
 
 def _deposit_chunk(chunk: list[int], blocks: list[np.ndarray], idx: np.ndarray, dose: np.ndarray, windows: list,

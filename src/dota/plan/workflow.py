@@ -199,8 +199,8 @@ def run_dose(
 ) -> dict[str, Any]:
     """``dota dose``: see the module docstring. ``reference``: a reference dose, or several independent runs
     of one (Monte Carlo with different seeds), whose mean is the reference (its noise falls as 1/sqrt(runs)).
-    ``workers``: threads for the engine calls
-    (:func:`dota.plan.dose.plan_workers`; default 1). ``parallel_beams`` sends every spot along the beam axis
+    ``workers``: worker processes for the engine calls
+    (:func:`dota.plan.dose.plan_workers`; default one per core, at most 4, for the dota and analytic engines). ``parallel_beams`` sends every spot along the beam axis
     (no virtual source); ``block_corrections=False`` leaves out the halo and the entrance-spot correction
     of engines with MCsquare blocks (:func:`dota.plan.dose.compute_plan_dose`). Returns a summary (paths, statistics, timings), also written
     to ``summary_path`` when given. Every output is checked first (:func:`check_outputs`); existing ones are
@@ -300,7 +300,7 @@ def run_dose(
                                      title=f"{Path(plan_path).name} on {ct.name} ({engine})")
         written.append(page)
         summary["timings_s"] = timer.as_dict()
-    summary["wall_s"] = round(time.perf_counter() - started, 3)  # stages in worker threads overlap: their sum is more
+    summary["wall_s"] = round(time.perf_counter() - started, 3)  # the whole run, stages and all
     _finish(summary, written, report_dir, summary_path)
     return summary
 
