@@ -38,7 +38,6 @@ from dota.checkpoint import (
     load_model,
     load_state_checked,
     load_training_state,
-    read_checkpoint_metadata,
     save_model,
     save_training_state,
 )
@@ -247,8 +246,6 @@ def train(
         model_cfg = init_model.config
     elif state is not None and state.get("model_config") is not None:
         model_cfg = check_config_dict(state["model_config"], str(out_dir / STATE_FILE))
-    elif cfg.init is not None:  # a state saved before the model config was kept in it
-        model_cfg = check_config_dict(read_checkpoint_metadata(cfg.init)["config"], str(cfg.init))
     if state is not None:
         norm = check_normalization_dict(state["normalization"], str(out_dir / STATE_FILE))
     elif init_model is not None:  # fine-tuning: the weights only mean something on their own scales

@@ -278,3 +278,15 @@ def test_training_writes_the_data_engine_into_its_checkpoints(small_h5, tmp_path
     summary = train(small_h5, tmp_path / "run", TrainConfig(preset="tiny", epochs=1, batch_size=4,
                                                            validate_cache_beamlets=0), progress=False)
     assert read_checkpoint_metadata(summary["best_checkpoint"])["extra"]["data_engines"] == [engine]
+
+
+def test_the_corrected_spot_is_the_sum_of_corrected_blocks():
+    """One correction of the weighted sums (the plan's fast path) equals correcting each energy's block and
+    summing them (what the dose-influence matrix holds)."""
+    from dota.plan.dose import _corrected_spot, _entrance_spot_correction
+
+    rng = np.random.default_rng(4)
+    part = rng.random((5, 40, 24, 24)).astype(np.float32)
+    energies, weights = np.array([80.0, 95.0, 110.0, 130.0, 150.0]), rng.random(5) * 3
+    each = np.tensordot(weights, _entrance_spot_correction(part, energies, 120.0, VOXEL), axes=(0, 0))
+    np.testing.assert_allclose(_corrected_spot(part, weights, energies, 120.0, VOXEL), each, rtol=1e-12, atol=1e-12)
