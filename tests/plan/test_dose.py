@@ -317,3 +317,22 @@ def test_a_worker_failure_reaches_the_plan(how):
     match = "no 110 MeV beamlets here" if how == "raise" else "worker process .* died \\(exit code 3"
     with pytest.raises(InputError if how == "raise" else RuntimeError, match=match):
         compute_plan_dose(read_ct_phantom(), _multi_chunk_plan(), engine, max_beamlets_per_call=4, workers=2)
+
+
+def test_beams_stream_through_the_workers_in_order_with_one_that_misses():
+    """The engine calls of all beams go through one stream (the next beam is rotated while the workers finish
+    the last): beam doses come back in plan order, a beam that misses the patient included, and the total
+    is their sum, for one worker or two."""
+    ct = read_ct_phantom()
+    layer = [EnergyLayer(100, [[0, 0], [6, 0]], [1.0, 2.0])]
+    plan = Plan([Beam("a", 0, 0, (0, 0, 0), layer), Beam("off", 90, 0, (0, 0, 300), layer),
+                 Beam("c", 180, 0, (0, 0, 0), layer)], fractions=1)
+    engine = get_engine("analytic")
+    for workers in (1, 2):
+        r = compute_plan_dose(ct, plan, engine, keep_beam_doses=True, workers=workers, max_beamlets_per_call=2)
+        assert len(r.beam_dose_gy) == 3 and r.beam_dose_gy[1].max() == 0 < r.beam_dose_gy[0].max()
+        assert r.stats["missed_spot_energies"] == 2
+        for b, beam_dose in zip(plan.beams, r.beam_dose_gy):
+            alone = compute_plan_dose(ct, Plan([b], fractions=1), engine, workers=1).dose_gy
+            np.testing.assert_array_equal(np.maximum(beam_dose, 0), alone)
+        np.testing.assert_allclose(r.dose_gy, np.maximum(sum(r.beam_dose_gy), 0), rtol=1e-6, atol=1e-9)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import threading
 import time
 from collections import defaultdict
@@ -200,17 +199,41 @@ def compute_plan_dose(
 
         stats["source_axis_mm"] = beam_model_source_axis_mm()
     beam_doses = []
-    column = 0
     n_workers = plan_workers(engine, workers)
     stats["workers"] = n_workers
-    with _EnginePool(engine, n_workers, int(max_beamlets_per_call), block_shape) as pool:
-        for b in plan.beams:
-            beam_total = _beam_dose(ct, b, plan.fractions, pool, timer, stats, builder, column, progress,
-                                    int(max_beamlets_per_call), supersample, block_shape, voxel_mm)
-            column += b.n_spots
-            total += beam_total
+    columns = np.cumsum([0] + [b.n_spots for b in plan.beams])
+    works: list[_BeamWork] = []  # the beams begun, in plan order; each finished once the stream is past it
+
+    def jobs() -> Iterator[tuple[_BeamWork, list[int], _Job]]:
+        # one stream over all beams: the next beam is rotated while the workers finish the last one's blocks
+        for b, column0 in zip(plan.beams, columns):
+            work = _BeamWork(ct, b, plan.fractions, timer, stats, builder, int(column0), progress,
+                             int(max_beamlets_per_call), supersample, block_shape, voxel_mm)
+            works.append(work)
+            for chunk in work.chunks:
+                yield work, chunk, work.prepare(chunk, engine)
+
+    done = 0
+
+    def finish_until(stop: int) -> None:
+        nonlocal done
+        for work in works[done:stop]:
+            beam_total = work.finish()
+            total[...] += beam_total
             if keep_beam_doses:
                 beam_doses.append(beam_total)
+        done = max(done, stop)
+
+    with _EnginePool(engine, n_workers, int(max_beamlets_per_call), block_shape) as pool:
+        try:
+            for (work, chunk, job), dose in pool.map(jobs(), timer):
+                finish_until(works.index(work))  # the beams before this one are complete
+                stats["engine_calls"] += 1
+                work.deposit(chunk, job, dose)
+            finish_until(len(works))
+        finally:
+            for work in works:
+                work.bar.close()
     if stats["truncated_spot_energies"]:
         log.warning("%d spot-energies have a range beyond their %d-slice block: their dose past the block is lost",
                     stats["truncated_spot_energies"], block_shape[0])
@@ -232,76 +255,88 @@ def compute_plan_dose(
     return result
 
 
-def _beam_dose(ct: PatientCT, beam: Beam, fractions: int, pool: _EnginePool, timer: StageTimer, stats: dict[str, Any],
-               builder: Any, column0: int, progress: bool, max_per_call: int, supersample: int | None,
-               block_shape: tuple[int, int, int], voxel_mm: tuple[float, float, float]) -> np.ndarray:
-    from tqdm.auto import tqdm
+class _BeamWork:
+    """One beam of a plan: its rotation into the beam's eye view and its spot windows (made on creation), its
+    engine calls (:meth:`prepare`), the deposition of their doses into its grid (:meth:`deposit`) and the
+    carry into the CT (:meth:`finish`)."""
 
-    from dota.physics import csda_range_mm, hu_to_rsp
+    def __init__(self, ct: PatientCT, beam: Beam, fractions: int, timer: StageTimer, stats: dict[str, Any],
+                 builder: Any, column0: int, progress: bool, max_per_call: int, supersample: int | None,
+                 block_shape: tuple[int, int, int], voxel_mm: tuple[float, float, float]) -> None:
+        from tqdm.auto import tqdm
 
-    positions, energies, mu = beam.spot_table()
-    protons = mu * protons_per_mu(energies) * fractions  # per spot-energy, all fractions
-    uniq, groups = _spot_groups(positions)
-    stats["spot_positions"] += len(uniq)
-    axes = iec_beam_axes(beam.gantry_deg, beam.couch_deg, beam.patient_position)
-    halo = None
-    if stats["halo"]:
-        from dota.plan.halo import default_halo_table, ring_norms
+        self.ct, self.timer, self.stats, self.builder, self.column0 = ct, timer, stats, builder, column0
+        self.block_shape, self.voxel_mm = block_shape, voxel_mm
+        positions, self.energies, mu = beam.spot_table()
+        self.protons = mu * protons_per_mu(self.energies) * fractions  # per spot-energy, all fractions
+        uniq, self.groups = _spot_groups(positions)
+        stats["spot_positions"] += len(uniq)
+        axes = iec_beam_axes(beam.gantry_deg, beam.couch_deg, beam.patient_position)
+        self.halo = None
+        if stats["halo"]:
+            from dota.plan.halo import default_halo_table, ring_norms
 
-        table = default_halo_table()
-        if tuple(table.block_hw) != tuple(block_shape[1:]):
-            raise InputError(f"the halo table is for {table.block_hw} blocks, not {block_shape[1:]}")
-        halo = (table, ring_norms(table, voxel_mm), (table.grid_hw[0] - block_shape[1]) // 2)
-    shear_pad = 0
-    if stats["source_axis_mm"] is not None:  # the largest lateral shift of a ray from its parallel block
-        depth = np.abs((ct.corners_mm() - np.asarray(beam.isocenter_mm)) @ axes.direction).max() + block_shape[0] * voxel_mm[0]
-        ratio = max(np.abs(uniq[:, 1]).max() / stats["source_axis_mm"][0], np.abs(uniq[:, 0]).max() / stats["source_axis_mm"][1])
-        shear_pad = int(np.ceil(ratio * depth / min(voxel_mm[1:]))) + 1
-    with timer("rotate"):
-        grid = bev.make_beam_grid(ct, axes, beam.isocenter_mm, uniq, block_shape, voxel_mm,
-                                  pad=(0 if halo is None else halo[2]) + shear_pad)
-        s0 = grid.depth_mm(0) if stats["entrance_spot"] else None  # slice 0's depth from the isocentre
-        hu_grid = bev.resample_ct_to_grid(ct, grid)
-        first = bev.first_body_slice(hu_grid)
-        windows = bev.spot_windows(grid, first, uniq, block_shape)
-        shifts = _ray_shifts(grid, windows, uniq, stats["source_axis_mm"], block_shape[0])
-        windows, shifts = _sheared_entries(grid, first, windows, shifts, uniq, stats["source_axis_mm"], block_shape)
-        carrier = bev.GridToCT(ct, grid, supersample)
-    dose_grid = np.zeros(grid.shape, dtype=np.float64)
-    length, height, width = block_shape
-    centre = (slice(height // 2 - 1, height // 2 + 1), slice(width // 2 - 1, width // 2 + 1))
-    bar = tqdm(total=len(energies), disable=not progress, unit="spot-energy", desc=f"beam {beam.name}",
-               dynamic_ncols=True, leave=False)
-    chunks: list[list[int]] = []
-    count = 0
-    for gi in range(len(uniq)):
-        if windows[gi] is None:
-            stats["missed_spot_energies"] += len(groups[gi])
-            bar.update(len(groups[gi]))
-            continue
-        res_mm = np.abs(np.asarray(windows[gi].residual)) * np.asarray(voxel_mm[1:])
-        stats["max_lateral_residual_mm"] = max(stats["max_lateral_residual_mm"], float(res_mm.max()))
-        if not chunks or count + len(groups[gi]) > max_per_call:
-            chunks.append([])
-            count = 0
-        chunks[-1].append(gi)
-        count += len(groups[gi])
+            table = default_halo_table()
+            if tuple(table.block_hw) != tuple(block_shape[1:]):
+                raise InputError(f"the halo table is for {table.block_hw} blocks, not {block_shape[1:]}")
+            self.halo = (table, ring_norms(table, voxel_mm), (table.grid_hw[0] - block_shape[1]) // 2)
+        shear_pad = 0
+        if stats["source_axis_mm"] is not None:  # the largest lateral shift of a ray from its parallel block
+            depth = np.abs((ct.corners_mm() - np.asarray(beam.isocenter_mm)) @ axes.direction).max() + block_shape[0] * voxel_mm[0]
+            ratio = max(np.abs(uniq[:, 1]).max() / stats["source_axis_mm"][0], np.abs(uniq[:, 0]).max() / stats["source_axis_mm"][1])
+            shear_pad = int(np.ceil(ratio * depth / min(voxel_mm[1:]))) + 1
+        with timer("rotate"):
+            grid = bev.make_beam_grid(ct, axes, beam.isocenter_mm, uniq, block_shape, voxel_mm,
+                                      pad=(0 if self.halo is None else self.halo[2]) + shear_pad)
+            self.s0 = grid.depth_mm(0) if stats["entrance_spot"] else None  # slice 0's depth from the isocentre
+            self.hu_grid = bev.resample_ct_to_grid(ct, grid)
+            first = bev.first_body_slice(self.hu_grid)
+            windows = bev.spot_windows(grid, first, uniq, block_shape)
+            shifts = _ray_shifts(grid, windows, uniq, stats["source_axis_mm"], block_shape[0])
+            self.windows, self.shifts = _sheared_entries(grid, first, windows, shifts, uniq, stats["source_axis_mm"],
+                                                         block_shape)
+            self.carrier = bev.GridToCT(ct, grid, supersample)
+        self.dose_grid = np.zeros(grid.shape, dtype=np.float64)
+        _, height, width = block_shape
+        self.centre = (slice(height // 2 - 1, height // 2 + 1), slice(width // 2 - 1, width // 2 + 1))
+        self.bar = tqdm(total=len(self.energies), disable=not progress, unit="spot-energy", desc=f"beam {beam.name}",
+                        dynamic_ncols=True, leave=False)
+        self.chunks: list[list[int]] = []
+        count = 0
+        for gi in range(len(uniq)):
+            if self.windows[gi] is None:
+                stats["missed_spot_energies"] += len(self.groups[gi])
+                self.bar.update(len(self.groups[gi]))
+                continue
+            res_mm = np.abs(np.asarray(self.windows[gi].residual)) * np.asarray(voxel_mm[1:])
+            stats["max_lateral_residual_mm"] = max(stats["max_lateral_residual_mm"], float(res_mm.max()))
+            if not self.chunks or count + len(self.groups[gi]) > max_per_call:
+                self.chunks.append([])
+                count = 0
+            self.chunks[-1].append(gi)
+            count += len(self.groups[gi])
 
-    jobs = (_prepare_chunk(c, hu_grid, windows, groups, energies, pool.engine, column0, timer, block_shape, voxel_mm,
-                           shifts) for c in chunks)
-    try:
-        for chunk, (job, dose) in zip(chunks, pool.map(jobs, timer)):
-            stats["engine_calls"] += 1
-            _deposit_chunk(chunk, job.blocks, job.idx, dose, windows, groups, energies, protons, dose_grid, carrier, builder,
-                           column0, timer, stats, block_shape, voxel_mm, bar, centre, hu_to_rsp, csda_range_mm, halo,
-                           s0, shifts)
-    finally:
-        bar.close()
-    stats["beam_grid_gy_mm3"] += float(dose_grid.sum()) * float(np.prod(voxel_mm))
-    out = np.zeros(ct.shape, dtype=np.float32)
-    with timer("deposit"):
-        carrier.carry(dose_grid, out)
-    return out
+    def prepare(self, chunk: list[int], engine: Any) -> _Job:
+        return _prepare_chunk(chunk, self.hu_grid, self.windows, self.groups, self.energies, engine, self.column0,
+                              self.timer, self.block_shape, self.voxel_mm, self.shifts)
+
+    def deposit(self, chunk: list[int], job: _Job, dose: np.ndarray) -> None:
+        from dota.physics import csda_range_mm, hu_to_rsp
+
+        _deposit_chunk(chunk, job.blocks, job.idx, dose, self.windows, self.groups, self.energies, self.protons,
+                       self.dose_grid, self.carrier, self.builder, self.column0, self.timer, self.stats,
+                       self.block_shape, self.voxel_mm, self.bar, self.centre, hu_to_rsp, csda_range_mm, self.halo,
+                       self.s0, self.shifts)
+
+    def finish(self) -> np.ndarray:
+        """The beam's dose carried into the CT grid (float32)."""
+        self.bar.close()
+        self.stats["beam_grid_gy_mm3"] += float(self.dose_grid.sum()) * float(np.prod(self.voxel_mm))
+        out = np.zeros(self.ct.shape, dtype=np.float32)
+        with self.timer("deposit"):
+            self.carrier.carry(self.dose_grid, out)
+        self.dose_grid = self.hu_grid = None  # type: ignore[assignment]  # the next beam's memory
+        return out
 
 
 def _ray_shifts(grid: bev.BeamGrid, windows: list, positions_mm: np.ndarray, source_axis_mm: tuple[float, float] | None,
@@ -529,34 +564,34 @@ class _EnginePool:
             return value
         return out[:value].copy()  # the worker's buffer takes its next job once this returns
 
-    def map(self, jobs: Iterator[_Job], timer: StageTimer) -> Iterator[tuple[_Job, np.ndarray]]:
-        """``(job, dose)`` for each job, in order; ``timer``'s "infer" holds the time spent waiting on (or, with
-        one worker, running) the engine."""
+    def map(self, items: Iterator[tuple[Any, ...]], timer: StageTimer) -> Iterator[tuple[tuple[Any, ...], np.ndarray]]:
+        """``(item, dose)`` for each item (a tuple whose last element is the :class:`_Job`), in order;
+        ``timer``'s "infer" holds the time spent waiting on (or, with one worker, running) the engine."""
         if not self._workers:
-            for job in jobs:
+            for item in items:
                 with timer("infer"):
-                    dose = job.run(self.engine)
-                yield job, dose
+                    dose = item[-1].run(self.engine)
+                yield item, dose
             return
         from collections import deque
 
-        pending: deque[tuple[int, _Job]] = deque()
-        jobs = iter(jobs)
+        pending: deque[tuple[int, tuple[Any, ...]]] = deque()
+        items = iter(items)
         for w in range(self.n):
-            job = next(jobs, None)
-            if job is None:
+            item = next(items, None)
+            if item is None:
                 break
-            self._workers[w][1].send(job)
-            pending.append((w, job))
+            self._workers[w][1].send(item[-1])
+            pending.append((w, item))
         while pending:
-            w, job = pending.popleft()
+            w, item = pending.popleft()
             with timer("infer"):
                 dose = self._reply(w)
-            nxt = next(jobs, None)  # its blocks are cut while the worker that just finished waits for it
+            nxt = next(items, None)  # its blocks are cut (its beam rotated) while that worker waits for it
             if nxt is not None:
-                self._workers[w][1].send(nxt)
+                self._workers[w][1].send(nxt[-1])
                 pending.append((w, nxt))
-            yield job, dose
+            yield item, dose
 
 
 def _prepare_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: list[np.ndarray], energies: np.ndarray,
