@@ -233,7 +233,7 @@ def compute_plan_dose(
             finish_until(len(works))
         finally:
             for work in works:
-                work.bar.close()
+                work.close()
     if stats["truncated_spot_energies"]:
         log.warning("%d spot-energies have a range beyond their %d-slice block: their dose past the block is lost",
                     stats["truncated_spot_energies"], block_shape[0])
@@ -263,8 +263,6 @@ class _BeamWork:
     def __init__(self, ct: PatientCT, beam: Beam, fractions: int, timer: StageTimer, stats: dict[str, Any],
                  builder: Any, column0: int, progress: bool, max_per_call: int, supersample: int | None,
                  block_shape: tuple[int, int, int], voxel_mm: tuple[float, float, float]) -> None:
-        from tqdm.auto import tqdm
-
         self.ct, self.timer, self.stats, self.builder, self.column0 = ct, timer, stats, builder, column0
         self.block_shape, self.voxel_mm = block_shape, voxel_mm
         positions, self.energies, mu = beam.spot_table()
@@ -299,14 +297,16 @@ class _BeamWork:
         self.dose_grid = np.zeros(grid.shape, dtype=np.float64)
         _, height, width = block_shape
         self.centre = (slice(height // 2 - 1, height // 2 + 1), slice(width // 2 - 1, width // 2 + 1))
-        self.bar = tqdm(total=len(self.energies), disable=not progress, unit="spot-energy", desc=f"beam {beam.name}",
-                        dynamic_ncols=True, leave=False)
+        self._bar_args = dict(total=len(self.energies), disable=not progress, unit="spot-energy",
+                              desc=f"beam {beam.name}", dynamic_ncols=True, leave=False)
+        self._bar: Any = None  # made when the beam's first dose arrives: bars of rotated-ahead beams do not interleave
+        missed = 0
         self.chunks: list[list[int]] = []
         count = 0
         for gi in range(len(uniq)):
             if self.windows[gi] is None:
                 stats["missed_spot_energies"] += len(self.groups[gi])
-                self.bar.update(len(self.groups[gi]))
+                missed += len(self.groups[gi])
                 continue
             res_mm = np.abs(np.asarray(self.windows[gi].residual)) * np.asarray(voxel_mm[1:])
             stats["max_lateral_residual_mm"] = max(stats["max_lateral_residual_mm"], float(res_mm.max()))
@@ -315,6 +315,20 @@ class _BeamWork:
                 count = 0
             self.chunks[-1].append(gi)
             count += len(self.groups[gi])
+        self._missed = missed
+
+    @property
+    def bar(self) -> Any:
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(**self._bar_args)
+            self._bar.update(self._missed)
+        return self._bar
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
     def prepare(self, chunk: list[int], engine: Any) -> _Job:
         return _prepare_chunk(chunk, self.hu_grid, self.windows, self.groups, self.energies, engine, self.column0,
@@ -330,7 +344,7 @@ class _BeamWork:
 
     def finish(self) -> np.ndarray:
         """The beam's dose carried into the CT grid (float32)."""
-        self.bar.close()
+        self.close()
         self.stats["beam_grid_gy_mm3"] += float(self.dose_grid.sum()) * float(np.prod(self.voxel_mm))
         out = np.zeros(self.ct.shape, dtype=np.float32)
         with self.timer("deposit"):
