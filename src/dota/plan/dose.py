@@ -265,7 +265,10 @@ class _BeamWork:
                  block_shape: tuple[int, int, int], voxel_mm: tuple[float, float, float]) -> None:
         self.ct, self.timer, self.stats, self.builder, self.column0 = ct, timer, stats, builder, column0
         self.block_shape, self.voxel_mm = block_shape, voxel_mm
+        from dota.physics import csda_range_mm
+
         positions, self.energies, mu = beam.spot_table()
+        self.ranges_mm = np.asarray(csda_range_mm(self.energies), dtype=np.float64)  # once per beam, not per spot
         self.protons = mu * protons_per_mu(self.energies) * fractions  # per spot-energy, all fractions
         uniq, self.groups = _spot_groups(positions)
         stats["spot_positions"] += len(uniq)
@@ -335,11 +338,11 @@ class _BeamWork:
                               self.timer, self.block_shape, self.voxel_mm, self.shifts)
 
     def deposit(self, chunk: list[int], job: _Job, dose: np.ndarray) -> None:
-        from dota.physics import csda_range_mm, hu_to_rsp
+        from dota.physics import hu_to_rsp
 
         _deposit_chunk(chunk, job.blocks, job.idx, dose, self.windows, self.groups, self.energies, self.protons,
                        self.dose_grid, self.carrier, self.builder, self.column0, self.timer, self.stats,
-                       self.block_shape, self.voxel_mm, self.bar, self.centre, hu_to_rsp, csda_range_mm, self.halo,
+                       self.block_shape, self.voxel_mm, self.bar, self.centre, hu_to_rsp, self.ranges_mm, self.halo,
                        self.s0, self.shifts)
 
     def finish(self) -> np.ndarray:
@@ -626,7 +629,7 @@ def _deposit_chunk(chunk: list[int], blocks: list[np.ndarray], idx: np.ndarray, 
                    groups: list[np.ndarray], energies: np.ndarray, protons: np.ndarray, dose_grid: np.ndarray,
                    carrier: bev.GridToCT, builder: Any, column0: int, timer: StageTimer, stats: dict[str, Any],
                    block_shape: tuple[int, int, int], voxel_mm: tuple[float, float, float], bar: Any,
-                   centre: tuple[slice, slice], hu_to_rsp: Any, csda_range_mm: Any, halo: tuple | None,
+                   centre: tuple[slice, slice], hu_to_rsp: Any, ranges_mm: np.ndarray, halo: tuple | None,
                    s0: float | None, shifts: list) -> None:
     scale = protons[idx] / PRIMARIES_UNIT
     halo_inputs = []
@@ -652,7 +655,7 @@ def _deposit_chunk(chunk: list[int], blocks: list[np.ndarray], idx: np.ndarray, 
             # range check along the block's central columns
             steps = hu_to_rsp(blk[:, centre[0], centre[1]]).mean(axis=(1, 2)) * voxel_mm[0]
             wed_end = float(steps.sum())
-            stats["truncated_spot_energies"] += int(np.sum(csda_range_mm(energies[groups[gi]]) > wed_end))
+            stats["truncated_spot_energies"] += int(np.sum(ranges_mm[groups[gi]] > wed_end))
             halo_inputs.append((gi, start, n, steps))
             start += n
     if halo is not None:
@@ -664,7 +667,8 @@ def _deposit_chunk(chunk: list[int], blocks: list[np.ndarray], idx: np.ndarray, 
                 in_block = scale[start:start + n, None] * dose[start:start + n].sum(axis=(2, 3), dtype=np.float64)
                 wed = np.cumsum(steps) - 0.5 * steps  # at slice centres
                 w = windows[gi]
-                patch = halo_patch(in_block, wed, energies[groups[gi]], table, voxel_mm, w.residual, norms)
+                patch = halo_patch(in_block, wed, energies[groups[gi]], table, voxel_mm, w.residual, norms,
+                                   ranges_mm[groups[gi]])
                 if shifts[gi] is None:
                     added = bev.deposit_patch(dose_grid, w.p0, w.r0 - pad, w.c0 - pad, patch)
                 else:  # along the spot's ray, to the nearest voxel (the halo is wide)

@@ -140,14 +140,15 @@ def ring_norms(table: HaloTable, voxel_mm: tuple[float, float, float]) -> np.nda
 
 def halo_patch(in_block: np.ndarray, wed_mm: np.ndarray, energies_mev: np.ndarray, table: HaloTable,
                voxel_mm: tuple[float, float, float], residual: tuple[float, float] = (0.0, 0.0),
-               norms: np.ndarray | None = None) -> np.ndarray:
+               norms: np.ndarray | None = None, ranges_mm: np.ndarray | None = None) -> np.ndarray:
     """Halo dose (L, H', W') of one spot's energy layers on the table's window (``grid_hw``, centred on the
     spot's block; the block itself is zero).
 
     ``in_block`` (n, L): each spot-energy's in-block dose summed over each slice (already scaled to the
     plan's protons); ``wed_mm`` (L,): the block's central-axis water-equivalent depth at each slice (at
     the slice's centre); ``energies_mev`` (n,). The spot axis lies ``residual`` voxels off the block
-    centre (rows, cols). ``norms``: :func:`ring_norms` (computed when None)."""
+    centre (rows, cols). ``norms``: :func:`ring_norms`; ``ranges_mm`` (n,): the energies' CSDA ranges (both
+    computed when None)."""
     from dota.physics import csda_range_mm
 
     n, length = in_block.shape
@@ -167,7 +168,8 @@ def halo_patch(in_block: np.ndarray, wed_mm: np.ndarray, energies_mev: np.ndarra
     amps = []
     for i in range(n):
         e = float(energies_mev[i])
-        w = table.at(e, wed_mm[:depth] / float(csda_range_mm(e)))  # (D, J) out-of-block fractions
+        r = float(csda_range_mm(e)) if ranges_mm is None else float(ranges_mm[i])
+        w = table.at(e, wed_mm[:depth] / r)  # (D, J) out-of-block fractions
         amps.append(in_block[i, :depth, None] * w / norms)
     amp = np.sum(amps, axis=0)  # (D, J): the energies of one spot share the basis
     out[:depth] = np.einsum("dj,jr,jc->drc", amp, gy, gx, optimize=True)
