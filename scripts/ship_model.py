@@ -130,7 +130,7 @@ def card(record: dict[str, Any]) -> str:
     ]
     for ft in record.get("fine_tuning") or []:
         lines += [
-            f"Then fine-tuned from it: `{ft['command']}`: {ft['epochs_done']} epochs (best: {ft['best_epoch']}), "
+            f"Then fine-tuned from the previous stage's checkpoint: `{ft['command']}`: {ft['epochs_done']} epochs (best: {ft['best_epoch']}), "
             f"loss = voxel MSE + {ft['integral_weight']:g} x the lateral-integral term (`dota.train.training_loss`: "
             "errors shared by the voxels of 3 x 3 cells and of whole slices, which voxel MSE lets stand in the "
             f"low-dose tails), best validation objective {ft['best_val_loss']:.3e} (voxel MSE "
@@ -239,6 +239,8 @@ def _fine_tuning(run: Path) -> dict:
     """What the card says of a fine-tuning run (``dota train --init``): its command, loss and best epoch."""
     summary = _load(run, "summary.json")
     history = summary.get("history", [])
+    if not history:
+        raise SystemExit(f"{run}: the fine-tuning run has no finished epoch")
     best = min(history, key=lambda r: r["val_loss"])
     return {"command": summary.get("command"), "init": summary["config"].get("init"),
             "integral_weight": summary["config"].get("integral_weight", 0.0),
@@ -252,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--train", type=Path, required=True, help="training run folder (summary.json, history.json)")
     p.add_argument("--fine-tune", type=Path, action="append", default=[],
-                   help="fine-tuning run folder started from --train's model (dota train --init; repeatable, in order)")
+                   help="fine-tuning run folder (dota train --init from the previous stage's checkpoint; repeatable, "
+                   "in the order they ran)")
     p.add_argument("--eval-dota", type=Path, required=True, help="evaluate folder: the model on the test set")
     p.add_argument("--eval-analytic", type=Path, required=True, help="evaluate folder: analytic on the test set")
     p.add_argument("--val-dota", type=Path)

@@ -137,3 +137,9 @@ def test_fine_tuning_starts_from_the_checkpoint_and_keeps_its_model(small_h5, tm
     Path(init).rename(tmp_path / "moved.safetensors")
     resumed = train(small_h5, tmp_path / "e", resume=True, progress=False)
     assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in full["history"]]
+
+
+def test_init_takes_a_checkpoint_not_a_preset(small_h5, tmp_path):
+    cfg = {k: v for k, v in CFG.items() if k != "preset"}
+    with pytest.raises(InputError, match="--init takes a checkpoint file"):
+        train(small_h5, tmp_path / "p", TrainConfig(**cfg, init="tiny"), progress=False)

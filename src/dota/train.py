@@ -104,6 +104,11 @@ class TrainConfig:
         number("val_fraction", lambda v: 0 < v < 1, "between 0 and 1")
         number("integral_weight", lambda v: v >= 0, "non-negative")
         if self.init is not None:
+            from dota.model import PRESETS
+
+            if str(self.init) in PRESETS:
+                raise InputError(f"--init takes a checkpoint file (or 'default', the shipped model), not the preset "
+                                 f"{self.init!r}: fresh weights are --preset {self.init}")
             if self.preset != TrainConfig.preset:
                 raise InputError("--init takes the model (preset, normalisation) from its checkpoint: "
                                  "give --init or --preset, not both")

@@ -336,3 +336,42 @@ def test_beams_stream_through_the_workers_in_order_with_one_that_misses():
             alone = compute_plan_dose(ct, Plan([b], fractions=1), engine, workers=1).dose_gy
             np.testing.assert_array_equal(np.maximum(beam_dose, 0), alone)
         np.testing.assert_allclose(r.dose_gy, np.maximum(sum(r.beam_dose_gy), 0), rtol=1e-6, atol=1e-9)
+
+
+def test_workers_do_not_hang_after_torch_ran_on_several_threads(tmp_path):
+    """torch's OpenMP runtime does not survive a fork once it ran on several threads: a worker that asked
+    for two threads then hung (found in review). Workers run on one thread; a fresh interpreter that used
+    four threads first gets its plan dose."""
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np, torch\n"
+        "torch.set_num_threads(4)\n"
+        "x = torch.randn(256, 256); (x @ x).sum(); torch.nn.functional.conv2d(torch.randn(4, 8, 64, 64), "
+        "torch.randn(8, 8, 3, 3)).sum()\n"
+        "from dota.engines import get_engine\n"
+        "from dota.plan.dose import compute_plan_dose\n"
+        "from dota.plan.geometry import ct_from_array\n"
+        "from dota.plan.model import Beam, EnergyLayer, Plan\n"
+        "ct = ct_from_array(np.zeros((24, 40, 40), np.float32), (2.5, 3.0, 3.0), origin_mm=(-28.75, -58.5, -58.5))\n"
+        "plan = Plan([Beam('a', 0, 0, (0, 0, 0), [EnergyLayer(e, [[0, 0], [6, 0], [0, 6]], [1.0, 1.0, 1.0]) "
+        "for e in (80, 90, 100)])])\n"
+        "r = compute_plan_dose(ct, plan, get_engine('analytic'), workers=2, max_beamlets_per_call=3)\n"
+        "assert r.stats['workers'] == 2 and r.dose_gy.max() > 0\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_no_worker_process_outlives_its_plan():
+    import multiprocessing
+
+    compute_plan_dose(read_ct_phantom(), _multi_chunk_plan(), get_engine("analytic"), max_beamlets_per_call=4,
+                      workers=2)
+    for how in ("raise", "die"):
+        with pytest.raises((InputError, RuntimeError)):
+            compute_plan_dose(read_ct_phantom(), _multi_chunk_plan(), _WorkerTrouble(how), max_beamlets_per_call=4,
+                              workers=2)
+    assert multiprocessing.active_children() == []

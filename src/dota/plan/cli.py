@@ -101,9 +101,9 @@ def add_commands(sub: argparse._SubParsersAction, add_common: Callable[..., None
                    help="leave out the halo outside each block and the entrance-spot correction that engines "
                    "with MCsquare blocks (the default model, mcsquare) get (for comparison; docs/plans.md)")
     p.add_argument("--workers", type=positive_int,
-                   help="worker processes for the engine calls, the cores' torch threads shared out, beside the "
-                        "deposition (dota and analytic engines on the CPU; default one per core, at most 4; 1: "
-                        "in this process); the dose is the same for any number")
+                   help="worker processes for the engine calls, one torch thread each, beside the deposition (dota "
+                        "and analytic engines on the CPU; default one per core, at most 8; 1: in this process); the "
+                        "dose is the same for any number (to float32 rounding)")
     p.add_argument("--max-beamlets-per-call", type=positive_int, default=128,
                    help="bound on beamlets per engine call (memory; default 128)")
     p.add_argument("--summary", type=Path, help="write the run's summary (statistics, timings) as JSON")

@@ -8,8 +8,11 @@ so the plan dose in Gy (all fractions) is ``fractions * sum(mu * ProtonsMU(E) / 
 Memory stays bounded for plans of any size: spots go through the engine in chunks of at most
 ``max_beamlets_per_call`` beamlets (one spot's layers are never split, so the DoTA engine shares the
 geometry between them), their dose is accumulated into the beam's grid at once, and the
-dose-influence matrix is built from per-chunk sparse pieces. Stages are timed (``PlanDose.timings_s``):
-``read`` (done by the caller), ``rotate`` (CT onto the beam grids), ``infer`` (engine calls), ``deposit``
+dose-influence matrix is built from per-chunk sparse pieces; the beams stream through the engine's worker
+processes one after the other, so at most a few beams' grids (the one being finished, the next ones rotated
+ahead for the workers) are held at once. Stages are timed (``PlanDose.timings_s``): ``read`` (done by the
+caller), ``rotate`` (CT onto the beam grids), ``infer`` (the engine calls, or with worker processes the time
+spent waiting for them), ``deposit``
 (accumulation in the beam grids and the trilinear carry back to the CT), ``halo`` (the dose spots put
 outside their blocks, :mod:`dota.plan.halo`), ``dij`` (sparse matrix; it holds the in-block dose only).
 
@@ -167,11 +170,12 @@ def compute_plan_dose(
         slice by slice onto the ray, in the CT it is cut from and in the dose it leaves (module docstring);
         False: parallel beams. The dose-influence matrix follows the rays too.
     workers
-        Engine calls run in this many forked worker processes (each inherits the engine and gets its share
-        of the cores as torch threads), while this process cuts blocks ahead and deposits the results in plan
-        order, so the dose is the same for any number of workers; more than one needs an engine that can run
-        so (``engine.concurrent``: the analytic and the DoTA engine on the CPU) and a system that forks
-        (Linux). Default (:func:`plan_workers`): one per usable core, at most 4, for such an engine, else 1.
+        Engine calls run in this many forked worker processes (each inherits the engine and runs it on one
+        torch thread), while this process cuts blocks ahead and deposits the results in plan order, so the
+        dose is the same for any number of workers (to float32 rounding); more than one needs an engine that
+        can run so (``engine.concurrent``: the analytic and the DoTA engine on the CPU) and a system that forks
+        (Linux). Default (:func:`plan_workers`): one per core of torch's thread budget, at most 8, for such an
+        engine, else 1.
     """
     from dota.plan.dij import DijBuilder
 
@@ -453,12 +457,12 @@ def _corrected_spot(part: np.ndarray, weights: np.ndarray, energies: np.ndarray,
 
 
 #: Most worker processes a plan starts by default (:func:`plan_workers`).
-DEFAULT_MAX_WORKERS = 4
+DEFAULT_MAX_WORKERS = 8
 
 
 def _cpu_budget() -> int:
-    """The cores a plan may use: torch's thread count in this process (the CLI sets it to the machine's cores,
-    a Ray batch task to its CPUs)."""
+    """The cores a plan may use: torch's thread count in this process (torch's default, the machine's cores,
+    unless set: ``OMP_NUM_THREADS``, ``torch.set_num_threads``, a Ray batch task's CPUs)."""
     import torch
 
     return max(1, torch.get_num_threads())
@@ -467,7 +471,9 @@ def _cpu_budget() -> int:
 def plan_workers(engine: Any, workers: int | None = None) -> int:
     """Worker processes for a plan's engine calls: ``workers`` when given (>= 1; more than 1 only for an
     engine that can run so, ``engine.concurrent``, on a system that can fork), else for such an engine one
-    per core of the CPU budget (torch's thread count; at most :data:`DEFAULT_MAX_WORKERS`), otherwise 1. Measured on this project's 2-core
+    per core of the CPU budget (torch's thread count; at most :data:`DEFAULT_MAX_WORKERS`), otherwise 1. Each
+    worker runs on one torch thread: torch's OpenMP runtime does not survive a fork once this process has used
+    it on several threads (a forked child that asked for two then hung in its first parallel operation). Measured on this project's 2-core
     VM (the engine on the 1,908 spot-energy head-and-neck plan's blocks, default model, quiet): one process
     with 2 torch threads 13.6-14.1 ms per spot-energy, two processes with one thread each 10.3-10.8 ms (the
     model's analytic base dose is single-threaded numpy for a good part); worker threads instead of
@@ -500,15 +506,21 @@ class _Job:
         return engine.plan_dose(geometry, self.energies, self.voxel_mm, seeds=self.seeds)
 
 
-def _worker_main(engine: Any, conn: Any, buffer: Any, shape: tuple[int, ...], threads: int) -> None:
+def _worker_main(engine: Any, conn: Any, buffer: Any, shape: tuple[int, ...]) -> None:
     """A forked worker: jobs from ``conn``, each dose written into the shared ``buffer`` and its count sent back
-    (a dose larger than the buffer, or the exception, goes through the pipe); ``None`` ends it."""
+    (a dose larger than the buffer, or the exception, goes through the pipe); ``None`` or a closed pipe ends it."""
+    import signal
+
     import torch
 
-    torch.set_num_threads(threads)  # before any torch work here: no OpenMP pool inherited across the fork
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the plan's to handle: it stops the workers
+    torch.set_num_threads(1)  # one thread: the parent's OpenMP pool does not survive the fork (plan_workers)
     out = np.frombuffer(buffer, dtype=np.float32).reshape(shape)
     while True:
-        job = conn.recv()
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):  # the plan has gone
+            return
         if job is None:
             return
         try:
@@ -526,9 +538,9 @@ def _worker_main(engine: Any, conn: Any, buffer: Any, shape: tuple[int, ...], th
 
 
 class _EnginePool:
-    """A plan's engine calls in ``n`` forked worker processes (each inherits the engine and runs it on its share
-    of this process's torch threads; doses come back through shared memory), results in submission order while
-    the calling process cuts blocks and deposits; ``n = 1`` runs them in the calling process."""
+    """A plan's engine calls in ``n`` forked worker processes (each inherits the engine and runs it on one torch
+    thread; doses come back through shared memory), results in submission order while the calling process
+    cuts blocks and deposits; ``n = 1`` runs them in the calling process."""
 
     def __init__(self, engine: Any, n: int, max_beamlets: int, block_shape: tuple[int, int, int]) -> None:
         self.engine, self.n = engine, int(n)
@@ -540,23 +552,29 @@ class _EnginePool:
             import mmap
 
             ctx = mp.get_context("fork")
-            threads = max(1, _cpu_budget() // self.n)
-            for _ in range(self.n):
-                buffer = mmap.mmap(-1, int(np.prod(self.shape)) * 4)  # anonymous, shared with the child
-                mine, theirs = ctx.Pipe()
-                proc = ctx.Process(target=_worker_main, args=(self.engine, theirs, buffer, self.shape, threads),
-                                   daemon=True, name="dota-plan-worker")
-                proc.start()
-                theirs.close()
-                self._workers.append((proc, mine, np.frombuffer(buffer, dtype=np.float32).reshape(self.shape)))
+            try:
+                for _ in range(self.n):
+                    buffer = mmap.mmap(-1, int(np.prod(self.shape)) * 4)  # anonymous, shared with the child
+                    mine, theirs = ctx.Pipe()
+                    proc = ctx.Process(target=_worker_main, args=(self.engine, theirs, buffer, self.shape),
+                                       daemon=True, name="dota-plan-worker")
+                    proc.start()
+                    theirs.close()
+                    self._workers.append((proc, mine, np.frombuffer(buffer, dtype=np.float32).reshape(self.shape)))
+            except BaseException:
+                self.__exit__(RuntimeError, None, None)
+                raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         for proc, conn, _ in self._workers:
-            try:
-                conn.send(None)
-            except OSError:
-                pass
+            if exc_type is None:  # done: each worker ends after its last job
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+            else:  # stopped by an error: the workers' pending results are of no use
+                proc.terminate()
         for proc, conn, _ in self._workers:
             proc.join(timeout=10)
             if proc.is_alive():
@@ -564,6 +582,14 @@ class _EnginePool:
                 proc.join()
             conn.close()
         self._workers = []
+
+    def _send(self, w: int, job: _Job) -> None:
+        proc, conn, _ = self._workers[w]
+        try:
+            conn.send(job)
+        except OSError:  # its end of the pipe is closed: the worker is gone
+            proc.join(timeout=5)
+            raise RuntimeError(f"plan worker process {w} died (exit code {proc.exitcode}; out of memory?)") from None
 
     def _reply(self, w: int) -> np.ndarray:
         proc, conn, out = self._workers[w]
@@ -598,7 +624,7 @@ class _EnginePool:
             item = next(items, None)
             if item is None:
                 break
-            self._workers[w][1].send(item[-1])
+            self._send(w, item[-1])
             pending.append((w, item))
         while pending:
             w, item = pending.popleft()
@@ -606,7 +632,7 @@ class _EnginePool:
                 dose = self._reply(w)
             nxt = next(items, None)  # its blocks are cut (its beam rotated) while that worker waits for it
             if nxt is not None:
-                self._workers[w][1].send(nxt[-1])
+                self._send(w, nxt[-1])
                 pending.append((w, nxt))
             yield item, dose
 

@@ -43,6 +43,7 @@ class PlanGamma(TypedDict):
     """``gamma`` of a :func:`run_dose` summary (with ``--reference``): :class:`dota.plan.report.GammaResult`."""
 
     criteria: str
+    references: NotRequired[list[str]]  # the reference files (several: their mean was the reference)
     pass_rate_percent: float
     voxels: int
     pass_rate_in_patient_percent: float  # over the voxels denser than air (dota.constants.AIR_HU)
@@ -200,7 +201,7 @@ def run_dose(
     """``dota dose``: see the module docstring. ``reference``: a reference dose, or several independent runs
     of one (Monte Carlo with different seeds), whose mean is the reference (its noise falls as 1/sqrt(runs)).
     ``workers``: worker processes for the engine calls
-    (:func:`dota.plan.dose.plan_workers`; default one per core, at most 4, for the dota and analytic engines). ``parallel_beams`` sends every spot along the beam axis
+    (:func:`dota.plan.dose.plan_workers`; default one per core, at most 8, for the dota and analytic engines). ``parallel_beams`` sends every spot along the beam axis
     (no virtual source); ``block_corrections=False`` leaves out the halo and the entrance-spot correction
     of engines with MCsquare blocks (:func:`dota.plan.dose.compute_plan_dose`). Returns a summary (paths, statistics, timings), also written
     to ``summary_path`` when given. Every output is checked first (:func:`check_outputs`); existing ones are
