@@ -141,8 +141,9 @@ def ring_norms(table: HaloTable, voxel_mm: tuple[float, float, float]) -> np.nda
 def halo_patch(in_block: np.ndarray, wed_mm: np.ndarray, energies_mev: np.ndarray, table: HaloTable,
                voxel_mm: tuple[float, float, float], residual: tuple[float, float] = (0.0, 0.0),
                norms: np.ndarray | None = None, ranges_mm: np.ndarray | None = None) -> np.ndarray:
-    """Halo dose (L, H', W') of one spot's energy layers on the table's window (``grid_hw``, centred on the
-    spot's block; the block itself is zero).
+    """Halo dose (D, H', W') of one spot's energy layers on the table's window (``grid_hw``, centred on the
+    spot's block; the block itself is zero), for the block's first ``D`` slices: down to the last one with
+    in-block dose (the halo is zero below it, and is not written out).
 
     ``in_block`` (n, L): each spot-energy's in-block dose summed over each slice (already scaled to the
     plan's protons); ``wed_mm`` (L,): the block's central-axis water-equivalent depth at each slice (at
@@ -158,10 +159,9 @@ def halo_patch(in_block: np.ndarray, wed_mm: np.ndarray, energies_mev: np.ndarra
     norms = ring_norms(table, voxel_mm) if norms is None else norms
     ry = (np.arange(big_h) - (big_h - 1) / 2.0 - residual[0]) * dy
     cx = (np.arange(big_w) - (big_w - 1) / 2.0 - residual[1]) * dx
-    out = np.zeros((length, big_h, big_w), dtype=np.float64)
     live = np.nonzero(in_block.any(axis=0))[0]
     if live.size == 0:
-        return out
+        return np.zeros((0, big_h, big_w), dtype=np.float64)
     depth = int(live.max()) + 1
     gy = np.stack([gaussian_rows(ry, dy, s) for s in table.sigmas_mm]) * dy  # (J, R): voxel fractions
     gx = np.stack([gaussian_rows(cx, dx, s) for s in table.sigmas_mm]) * dx
@@ -172,7 +172,7 @@ def halo_patch(in_block: np.ndarray, wed_mm: np.ndarray, energies_mev: np.ndarra
         w = table.at(e, wed_mm[:depth] / r)  # (D, J) out-of-block fractions
         amps.append(in_block[i, :depth, None] * w / norms)
     amp = np.sum(amps, axis=0)  # (D, J): the energies of one spot share the basis
-    out[:depth] = np.einsum("dj,jr,jc->drc", amp, gy, gx, optimize=True)
+    out = np.einsum("dj,jr,jc->drc", amp, gy, gx, optimize=True)
     r0, c0 = (big_h - height) // 2, (big_w - width) // 2
     out[:, r0:r0 + height, c0:c0 + width] = 0.0
     return out
