@@ -283,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="fine-tune: start from this checkpoint's weights, model and normalisation "
                    "(instead of --preset)")
     p.add_argument("--integral-weight", type=_non_negative_float,
-                   help="weight of the loss term on lateral dose integrals (3x3 cells and whole slices), which "
-                   "keeps the low-dose tails unbiased (default 0: voxel MSE only)")
+                   help="weight of the loss term on lateral dose integrals (3x3 cells and whole slices): an error "
+                   "shared by a cell's n voxels, such as a bias in the low-dose tails, counts n times, noise once "
+                   "(default 0: voxel MSE only)")
     p.add_argument("--checkpoint-every", type=non_negative_int,
                    help="save resumable state every N steps (0: at epoch ends only; default 50)")
     p.add_argument("--resume", action="store_true",
