@@ -267,10 +267,10 @@ class _BeamWork:
     def __init__(self, ct: PatientCT, beam: Beam, fractions: int, timer: StageTimer, stats: dict[str, Any],
                  builder: Any, column0: int, progress: bool, max_per_call: int, supersample: int | None,
                  block_shape: tuple[int, int, int], voxel_mm: tuple[float, float, float]) -> None:
-        self.ct, self.timer, self.stats, self.builder, self.column0 = ct, timer, stats, builder, column0
-        self.block_shape, self.voxel_mm = block_shape, voxel_mm
         from dota.physics import csda_range_mm
 
+        self.ct, self.timer, self.stats, self.builder, self.column0 = ct, timer, stats, builder, column0
+        self.block_shape, self.voxel_mm = block_shape, voxel_mm
         positions, self.energies, mu = beam.spot_table()
         self.ranges_mm = np.asarray(csda_range_mm(self.energies), dtype=np.float64)  # once per beam, not per spot
         self.protons = mu * protons_per_mu(self.energies) * fractions  # per spot-energy, all fractions
@@ -307,13 +307,13 @@ class _BeamWork:
         self._bar_args = dict(total=len(self.energies), disable=not progress, unit="spot-energy",
                               desc=f"beam {beam.name}", dynamic_ncols=True, leave=False)
         self._bar: Any = None  # made when the beam's first dose arrives: bars of rotated-ahead beams do not interleave
-        missed = 0
+        self._missed = 0  # spot-energies that miss the patient, counted on the bar when it is made
         self.chunks: list[list[int]] = []
         count = 0
         for gi in range(len(uniq)):
             if self.windows[gi] is None:
                 stats["missed_spot_energies"] += len(self.groups[gi])
-                missed += len(self.groups[gi])
+                self._missed += len(self.groups[gi])
                 continue
             res_mm = np.abs(np.asarray(self.windows[gi].residual)) * np.asarray(voxel_mm[1:])
             stats["max_lateral_residual_mm"] = max(stats["max_lateral_residual_mm"], float(res_mm.max()))
@@ -322,7 +322,6 @@ class _BeamWork:
                 count = 0
             self.chunks[-1].append(gi)
             count += len(self.groups[gi])
-        self._missed = missed
 
     @property
     def bar(self) -> Any:
@@ -338,16 +337,80 @@ class _BeamWork:
             self._bar.close()
 
     def prepare(self, chunk: list[int], engine: Any) -> _Job:
-        return _prepare_chunk(chunk, self.hu_grid, self.windows, self.groups, self.energies, engine, self.column0,
-                              self.timer, self.block_shape, self.voxel_mm, self.shifts)
+        """The chunk's engine call: its blocks cut from the beam grid, its spot-energy indices, energies, seeds."""
+        hu_grid, windows, groups, shifts = self.hu_grid, self.windows, self.groups, self.shifts
+        with self.timer("rotate"):
+            blocks = [bev.cut_block(hu_grid, windows[gi], self.block_shape,
+                                    None if shifts[gi] is None else np.rint(shifts[gi]).astype(np.int64))
+                      for gi in chunk]
+        idx = np.concatenate([groups[gi] for gi in chunk])
+        # each spot-energy its own seed, from its index in the plan (not in this call): chunks and beams never
+        # reuse a Monte Carlo engine's random streams; deterministic engines ignore seeds
+        seeds = [beamlet_seed(engine.seed, self.column0 + int(i)) for i in idx]
+        return _Job(blocks, idx, [len(groups[gi]) for gi in chunk], self.energies[idx].astype(np.float32), seeds,
+                    self.voxel_mm)
 
     def deposit(self, chunk: list[int], job: _Job, dose: np.ndarray) -> None:
+        """Add the chunk's doses to the beam's grid: each spot's blocks weighted (entrance-corrected), its halo,
+        its columns of the dose-influence matrix."""
         from dota.physics import hu_to_rsp
 
-        _deposit_chunk(chunk, job.blocks, job.idx, dose, self.windows, self.groups, self.energies, self.protons,
-                       self.dose_grid, self.carrier, self.builder, self.column0, self.timer, self.stats,
-                       self.block_shape, self.voxel_mm, self.bar, self.centre, hu_to_rsp, self.ranges_mm, self.halo,
-                       self.s0, self.shifts)
+        blocks, idx = job.blocks, job.idx
+        windows, groups, energies, shifts = self.windows, self.groups, self.energies, self.shifts
+        timer, stats, builder, voxel_mm, dose_grid = self.timer, self.stats, self.builder, self.voxel_mm, self.dose_grid
+        s0, centre = self.s0, self.centre
+        scale = self.protons[idx] / PRIMARIES_UNIT
+        halo_inputs = []
+        parts: dict[int, np.ndarray] = {}  # each spot's blocks as deposited (to their last dose), for the matrix
+        with timer("deposit"):
+            start = 0
+            for blk, gi in zip(blocks, chunk):
+                n = len(groups[gi])
+                part = dose[start:start + n]
+                reach = np.flatnonzero(part.any(axis=(0, 2, 3)))  # slices beyond the spot's last dose add nothing
+                part = part[:, :int(reach[-1]) + 1 if reach.size else 1]
+                upstream = None if s0 is None else -(s0 + (windows[gi].p0 - 0.5) * voxel_mm[0])  # entrance face
+                if upstream is not None and builder is None:  # one correction of the weighted sums
+                    spot = _corrected_spot(part, scale[start:start + n], energies[groups[gi]], upstream, voxel_mm)
+                else:
+                    if upstream is not None:  # the matrix needs each spot-energy's corrected block
+                        part = _entrance_spot_correction(part, energies[groups[gi]], upstream, voxel_mm)
+                    spot = np.tensordot(scale[start:start + n], part, axes=(0, 0))
+                parts[gi] = part
+                bev.deposit_window(dose_grid, windows[gi], spot, shifts[gi])
+                # range check along the block's central columns
+                steps = hu_to_rsp(blk[:, centre[0], centre[1]]).mean(axis=(1, 2)) * voxel_mm[0]
+                wed_end = float(steps.sum())
+                stats["truncated_spot_energies"] += int(np.sum(self.ranges_mm[groups[gi]] > wed_end))
+                halo_inputs.append((gi, start, n, steps))
+                start += n
+        if self.halo is not None:
+            from dota.plan.halo import halo_patch
+
+            table, norms, pad = self.halo
+            with timer("halo"):
+                for gi, start, n, steps in halo_inputs:
+                    in_block = scale[start:start + n, None] * dose[start:start + n].sum(axis=(2, 3), dtype=np.float64)
+                    wed = np.cumsum(steps) - 0.5 * steps  # at slice centres
+                    w = windows[gi]
+                    patch = halo_patch(in_block, wed, energies[groups[gi]], table, voxel_mm, w.residual, norms,
+                                       self.ranges_mm[groups[gi]])
+                    if shifts[gi] is None:
+                        added = bev.deposit_patch(dose_grid, w.p0, w.r0 - pad, w.c0 - pad, patch)
+                    else:  # along the spot's ray, to the nearest voxel (the halo is wide)
+                        added = sum(bev.deposit_patch(dose_grid, w.p0 + a, w.r0 - pad + dr, w.c0 - pad + dc, patch[a:b])
+                                    for a, b, dr, dc in bev.shift_runs(np.rint(shifts[gi]).astype(np.int64)))
+                    stats["halo_gy_mm3"] += float(added) * float(np.prod(voxel_mm))
+        if builder is not None:
+            with timer("dij"):
+                for gi in chunk:
+                    blocks_of_spot = parts[gi]
+                    sampler = self.carrier.window_sampler(windows[gi], self.block_shape,
+                                                          depth=blocks_of_spot.shape[1], shifts=shifts[gi])
+                    for m, spot_index in enumerate(groups[gi]):
+                        gy_per_mu = float(protons_per_mu(energies[spot_index])) / PRIMARIES_UNIT  # one fraction
+                        builder.add(self.column0 + int(spot_index), sampler, blocks_of_spot[m], gy_per_mu)
+        self.bar.update(len(idx))
 
     def finish(self) -> np.ndarray:
         """The beam's dose carried into the CT grid (float32)."""
@@ -473,8 +536,9 @@ def plan_workers(engine: Any, workers: int | None = None) -> int:
     engine that can run so, ``engine.concurrent``, on a system that can fork), else for such an engine one
     per core of the CPU budget (torch's thread count; at most :data:`DEFAULT_MAX_WORKERS`), otherwise 1. Each
     worker runs on one torch thread: torch's OpenMP runtime does not survive a fork once this process has used
-    it on several threads (a forked child that asked for two then hung in its first parallel operation). Measured on this project's 2-core
-    VM (the engine on the 1,908 spot-energy head-and-neck plan's blocks, default model, quiet): one process
+    it on several threads (a forked child that asked for two then hung in its first parallel operation).
+    Measured on this project's 2-core VM (the engine on the 1,908 spot-energy head-and-neck plan's blocks,
+    default model, quiet): one process
     with 2 torch threads 13.6-14.1 ms per spot-energy, two processes with one thread each 10.3-10.8 ms (the
     model's analytic base dose is single-threaded numpy for a good part); worker threads instead of
     processes were slower than one process (the interpreter's lock)."""
@@ -635,79 +699,3 @@ class _EnginePool:
                 self._send(w, nxt[-1])
                 pending.append((w, nxt))
             yield item, dose
-
-
-def _prepare_chunk(chunk: list[int], hu_grid: np.ndarray, windows: list, groups: list[np.ndarray], energies: np.ndarray,
-                   engine: Any, column0: int, timer: StageTimer, block_shape: tuple[int, int, int],
-                   voxel_mm: tuple[float, float, float], shifts: list) -> _Job:
-    """The chunk's engine call: its blocks cut from the beam grid, its spot-energy indices, energies, seeds."""
-    with timer("rotate"):
-        blocks = [bev.cut_block(hu_grid, windows[gi], block_shape,
-                                None if shifts[gi] is None else np.rint(shifts[gi]).astype(np.int64)) for gi in chunk]
-    idx = np.concatenate([groups[gi] for gi in chunk])
-    # each spot-energy its own seed, from its index in the plan (not in this call): chunks and beams never
-    # reuse a Monte Carlo engine's random streams; deterministic engines ignore seeds
-    seeds = [beamlet_seed(engine.seed, column0 + int(i)) for i in idx]
-    return _Job(blocks, idx, [len(groups[gi]) for gi in chunk], energies[idx].astype(np.float32), seeds, voxel_mm)
-
-
-def _deposit_chunk(chunk: list[int], blocks: list[np.ndarray], idx: np.ndarray, dose: np.ndarray, windows: list,
-                   groups: list[np.ndarray], energies: np.ndarray, protons: np.ndarray, dose_grid: np.ndarray,
-                   carrier: bev.GridToCT, builder: Any, column0: int, timer: StageTimer, stats: dict[str, Any],
-                   block_shape: tuple[int, int, int], voxel_mm: tuple[float, float, float], bar: Any,
-                   centre: tuple[slice, slice], hu_to_rsp: Any, ranges_mm: np.ndarray, halo: tuple | None,
-                   s0: float | None, shifts: list) -> None:
-    scale = protons[idx] / PRIMARIES_UNIT
-    halo_inputs = []
-    parts: dict[int, np.ndarray] = {}  # each spot's blocks as deposited (to their last dose; corrected), for the matrix
-    with timer("deposit"):
-        start = 0
-        for blk, gi in zip(blocks, chunk):
-            n = len(groups[gi])
-            part = dose[start:start + n]
-            reach = np.flatnonzero(part.any(axis=(0, 2, 3)))  # slices beyond the spot's last dose add nothing
-            part = part[:, :int(reach[-1]) + 1 if reach.size else 1]
-            if s0 is not None:
-                upstream = -(s0 + (windows[gi].p0 - 0.5) * voxel_mm[0])  # the block's entrance face
-                if builder is not None:  # the matrix needs each spot-energy's corrected block
-                    part = _entrance_spot_correction(part, energies[groups[gi]], upstream, voxel_mm)
-                    spot = np.tensordot(scale[start:start + n], part, axes=(0, 0))
-                else:
-                    spot = _corrected_spot(part, scale[start:start + n], energies[groups[gi]], upstream, voxel_mm)
-            else:
-                spot = np.tensordot(scale[start:start + n], part, axes=(0, 0))
-            parts[gi] = part
-            bev.deposit_window(dose_grid, windows[gi], spot, shifts[gi])
-            # range check along the block's central columns
-            steps = hu_to_rsp(blk[:, centre[0], centre[1]]).mean(axis=(1, 2)) * voxel_mm[0]
-            wed_end = float(steps.sum())
-            stats["truncated_spot_energies"] += int(np.sum(ranges_mm[groups[gi]] > wed_end))
-            halo_inputs.append((gi, start, n, steps))
-            start += n
-    if halo is not None:
-        from dota.plan.halo import halo_patch
-
-        table, norms, pad = halo
-        with timer("halo"):
-            for gi, start, n, steps in halo_inputs:
-                in_block = scale[start:start + n, None] * dose[start:start + n].sum(axis=(2, 3), dtype=np.float64)
-                wed = np.cumsum(steps) - 0.5 * steps  # at slice centres
-                w = windows[gi]
-                patch = halo_patch(in_block, wed, energies[groups[gi]], table, voxel_mm, w.residual, norms,
-                                   ranges_mm[groups[gi]])
-                if shifts[gi] is None:
-                    added = bev.deposit_patch(dose_grid, w.p0, w.r0 - pad, w.c0 - pad, patch)
-                else:  # along the spot's ray, to the nearest voxel (the halo is wide)
-                    added = sum(bev.deposit_patch(dose_grid, w.p0 + a, w.r0 - pad + dr, w.c0 - pad + dc, patch[a:b])
-                                for a, b, dr, dc in bev.shift_runs(np.rint(shifts[gi]).astype(np.int64)))
-                stats["halo_gy_mm3"] += float(added) * float(np.prod(voxel_mm))
-    if builder is not None:
-        with timer("dij"):
-            for gi in chunk:
-                blocks_of_spot = parts[gi]
-                sampler = carrier.window_sampler(windows[gi], block_shape, depth=blocks_of_spot.shape[1],
-                                                 shifts=shifts[gi])
-                for m, spot_index in enumerate(groups[gi]):
-                    gy_per_mu = float(protons_per_mu(energies[spot_index])) / PRIMARIES_UNIT  # one fraction
-                    builder.add(column0 + int(spot_index), sampler, blocks_of_spot[m], gy_per_mu)
-    bar.update(len(idx))
