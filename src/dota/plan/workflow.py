@@ -219,7 +219,7 @@ def run_dose(
     if engine == "mcsquare-plan" and (parallel_beams or not block_corrections):
         raise InputError("--parallel-beams and --no-block-corrections apply to beamlet engines (dota, analytic, "
                          "mcsquare), not to MCsquare's own plan simulation")
-    references = [] if reference is None else [reference] if isinstance(reference, (str, os.PathLike)) else list(reference)
+    references = [reference] if isinstance(reference, (str, os.PathLike)) else list(reference or [])
     files = [("--out", f) for o in outputs for f in dose_files(o)]
     files += [("--dvh", f) for f in dvh_files(dvh_csv)] if dvh_csv is not None else []
     files += [("--dij", dij_file(dij_path))] if dij_path is not None else []
@@ -284,8 +284,8 @@ def run_dose(
                 one, grid = read_dose(path)
                 ref += resample_to_ct(one, grid, ct)
             gamma = plan_gamma(dose, ref / len(references), ct)
-        summary["gamma"] = {"criteria": gamma.criteria, "references": [str(r) for r in references], "pass_rate_percent": round(gamma.pass_rate_percent, 3),
-                            "voxels": gamma.evaluated,
+        summary["gamma"] = {"criteria": gamma.criteria, "references": [str(r) for r in references],
+                            "pass_rate_percent": round(gamma.pass_rate_percent, 3), "voxels": gamma.evaluated,
                             "pass_rate_in_patient_percent": round(gamma.pass_rate_in_patient_percent, 3),
                             "voxels_in_patient": gamma.evaluated_in_patient}
     summary["max_dose_gy"] = float(dose.max())
