@@ -106,6 +106,63 @@ def test_training_loss_integral_term_counts_shared_error_not_noise():
     assert float(training_loss(flat, flat * 0, 3.0)) == pytest.approx(float(training_loss(flat, flat * 0)), rel=1e-6)
 
 
+def test_training_loss_ring_term_scores_the_radial_profile():
+    from dota.train import RING_EDGES_VOXELS, _ring_means, training_loss
+
+    means, counts = _ring_means(24, 24)
+    assert counts.tolist() == [4, 8, 20, 20, 28, 32, 96, 108, 192, 68]  # every voxel in one ring
+    assert len(counts) == len(RING_EDGES_VOXELS) - 1 and float(counts.sum()) == 24 * 24
+    target = torch.rand(2, 5, 24, 24)
+    assert float(training_loss(target, target, ring_weight=1.0)) == 0.0
+    # a profile too wide by one sign all round each ring: the term counts it n times per ring
+    y, x = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")
+    r2 = (y - 11.5) ** 2 + (x - 11.5) ** 2
+    wide = torch.exp(-r2 / (2 * 3.1**2)) - torch.exp(-r2 / (2 * 3.0**2))
+    err = wide.expand(1, 1, 24, 24)
+    mse = float(training_loss(err, err * 0))
+    ring_means = means @ wide.flatten()
+    expected = float((ring_means.pow(2) * counts).mean())
+    assert float(training_loss(err, err * 0, ring_weight=2.0)) == pytest.approx(mse + 2 * expected, rel=1e-5)
+    assert expected > 5 * mse  # the shared error weighs more than in the voxel MSE
+    # independent noise: the term expects the noise variance, as the voxel MSE does
+    gen = torch.Generator().manual_seed(0)
+    noise = 0.01 * torch.randn(64, 10, 24, 24, generator=gen)
+    extra = float(training_loss(noise * 0, noise, ring_weight=1.0)) - float(training_loss(noise * 0, noise))
+    assert extra == pytest.approx(1e-4, rel=0.1)
+    # an error odd in x sums to zero over every ring: nothing added
+    odd = (x - 11.5).sign() * torch.rand(24, 24, generator=gen)
+    odd = (odd - odd.flip(-1)).expand(1, 1, 24, 24) / 2
+    assert float(training_loss(odd, odd * 0, ring_weight=3.0)) == pytest.approx(float(training_loss(odd, odd * 0)),
+                                                                               rel=1e-5)
+
+
+def test_weight_average_is_saved_and_resumes_bit_identically(small_h5, tmp_path):
+    cfg = {**CFG, "ema": 0.9, "ring_weight": 0.5}
+    run = train(small_h5, tmp_path / "ema", TrainConfig(**cfg), progress=False)
+    assert run["history"][-1]["val_mse"] > 0
+    state = torch.load(tmp_path / "ema" / "state.pt", weights_only=True)
+    saved = load_file(tmp_path / "ema" / "last.safetensors")
+    avg, raw = state["ema"]["model"], state["model"]
+    assert state["ema"]["steps"] == 2 * (run["train_beamlets"] // CFG["batch_size"])
+    differs = [k for k in raw if raw[k].is_floating_point() and not torch.equal(raw[k], avg[k])]
+    assert differs  # the average is not the last weights...
+    for k in differs:  # ...and it is what the checkpoint holds
+        assert torch.equal(saved[k], avg[k]), k
+
+    def crash(epoch, step):
+        if epoch == 1 and step == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(small_h5, tmp_path / "cut", TrainConfig(**cfg), progress=False, on_step=crash)
+    resumed = train(small_h5, tmp_path / "cut", resume=True, progress=False)
+    assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in run["history"]]
+    again = load_file(tmp_path / "cut" / "last.safetensors")
+    assert all(torch.equal(again[k], saved[k]) for k in saved)
+    with pytest.raises(InputError, match="ema"):
+        TrainConfig(**{**CFG, "ema": 1.0}).check()
+
+
 def test_fine_tuning_starts_from_the_checkpoint_and_keeps_its_model(small_h5, tmp_path):
     first = train(small_h5, tmp_path / "a", TrainConfig(**{**CFG, "epochs": 1}), progress=False)
     init = first["best_checkpoint"]

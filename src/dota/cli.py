@@ -91,6 +91,17 @@ def _add_common(p: argparse.ArgumentParser, device: bool = True, seed_help: str 
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _ema_decay(text: str) -> float:
+    """A weight-average decay: at least 0 and below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not math.isfinite(value) or not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text!r}")
+    return value
+
+
 def _add_overwrite(p: argparse.ArgumentParser, what: str = "an existing output file") -> None:
     p.add_argument("--overwrite", action="store_true", help=f"replace {what} (never an input)")
 
@@ -98,7 +109,8 @@ def _add_overwrite(p: argparse.ArgumentParser, what: str = "an existing output f
 #: ``dota train`` options passed on only when given (the others: TrainConfig's defaults for a new run, the
 #: saved settings for a resumed one, which refuses given values that differ).
 _TRAIN_OPTIONS = ("preset", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "lr_halving_epochs",
-                  "val_fraction", "checkpoint_every", "seed", "device", "init", "integral_weight")
+                  "val_fraction", "checkpoint_every", "seed", "device", "init", "integral_weight",
+                  "ring_weight", "ema")
 
 
 # -- commands ----------------------------------------------------------------------------------------
@@ -286,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the loss term on lateral dose integrals (3x3 cells and whole slices): an error "
                    "shared by a cell's n voxels, such as a bias in the low-dose tails, counts n times, noise once "
                    "(default 0: voxel MSE only)")
+    p.add_argument("--ring-weight", type=_non_negative_float,
+                   help="weight of the loss term on each slice's radial profile (dose means over rings around the "
+                   "beam axis): an error of one sign all round a ring, such as a lateral width off by a fraction of "
+                   "a millimetre, counts as many times as the ring has voxels, noise once (default 0)")
+    p.add_argument("--ema", type=_ema_decay,
+                   help="validate and save an exponential moving average of the weights with this decay per step, "
+                   "e.g. 0.999 (about the last 1,000 steps; default 0: the weights themselves)")
     p.add_argument("--checkpoint-every", type=non_negative_int,
                    help="save resumable state every N steps (0: at epoch ends only; default 50)")
     p.add_argument("--resume", action="store_true",
