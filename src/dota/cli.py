@@ -93,12 +93,9 @@ def _add_common(p: argparse.ArgumentParser, device: bool = True, seed_help: str 
 
 def _ema_decay(text: str) -> float:
     """A weight-average decay: at least 0 and below 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not math.isfinite(value) or not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text!r}")
+    value = _non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, got {text}")
     return value
 
 
