@@ -282,3 +282,76 @@ def test_every_engine_gets_the_beamlets_seeds() -> None:
     finally:
         del _REGISTRY["test-recording"]
     assert got == [[657807347, 440268364, 1558476884]] == [part["seed"].tolist()]
+
+
+def test_peak_in_body_energy_reaches_the_chosen_point() -> None:
+    from dota.physics import csda_range_mm
+    from dota.generate import peak_in_body_energy
+
+    water = np.zeros((150, 24, 24))
+    # Half-way through 300 mm of water: the CSDA range is 150 mm.
+    assert csda_range_mm(peak_in_body_energy(water, 0.5, (70, 220))) == pytest.approx(150.0, abs=0.05)
+    # An air gap of 20 mm in front: the point lies in the body behind it, the gap adds no range.
+    gapped = water.copy()
+    gapped[:10] = -1000.0
+    assert csda_range_mm(peak_in_body_energy(gapped, 0.5, (70, 220))) == pytest.approx(140.0, abs=0.05)
+    # Bone ahead of the point adds its stopping power; the axis is the central 2 x 2 columns only.
+    boned = water.copy()
+    boned[10:20, 11:13, 11:13] = 1000.0
+    boned[:, 0, 0] = -1000.0
+    assert peak_in_body_energy(boned, 0.5, (70, 220)) > peak_in_body_energy(water, 0.5, (70, 220))
+    # Kept in the range; no body on the axis: no energy.
+    assert peak_in_body_energy(water, 0.0, (70, 220)) == 70.0
+    assert peak_in_body_energy(water, 0.999, (70, 150)) == 150.0
+    assert peak_in_body_energy(np.full((150, 24, 24), -1000.0), 0.5, (70, 220)) is None
+
+
+def test_peak_in_body_share_and_its_errors() -> None:
+    sources = ["phantom:water", "phantom:slab"]
+    uniform = make_specs(200, sources, 3, energy_range_mev=(70, 220))
+    assert make_specs(200, sources, 3, energy_range_mev=(70, 220), peak_in_body=0.0) == uniform
+    mixed = make_specs(200, sources, 3, energy_range_mev=(70, 220), peak_in_body=0.7)
+    matched = [s for s in mixed if s.peak_bounds_mev is not None]
+    assert 0.6 < len(matched) / 200 < 0.8 and all(s.peak_bounds_mev == (70.0, 220.0) for s in matched)
+    assert all(0 <= s.peak_u < 1 for s in matched)
+    # the uniform fallback energy, source and seed of each beamlet are those of the plain run
+    assert [(s.energy_mev, s.source, s.seed) for s in mixed] == [(s.energy_mev, s.source, s.seed) for s in uniform]
+    with pytest.raises(InputError, match="fraction"):
+        make_specs(10, sources, 3, energy_range_mev=(70, 220), peak_in_body=1.5)
+    with pytest.raises(InputError, match="--energy-range"):
+        make_specs(None, sources, 3, energies=[100.0], peak_in_body=0.5)
+
+
+def test_peak_in_body_run_puts_bragg_peaks_in_the_body(tmp_path: Path) -> None:
+    from dota.cli import main
+    from dota.data.ct import BODY_THRESHOLD_HU
+    from dota.generate import peak_in_body_energy
+
+    run = {**RUN, "n_beamlets": 6, "energy_range_mev": (70.0, 220.0), "block_shape": (150, 8, 8)}
+    out = generate_dataset(tmp_path / "peak.h5", peak_in_body=1.0, **run)
+    plain = read_dataset(generate_dataset(tmp_path / "plain.h5", **run))
+    data = read_dataset(out)
+    np.testing.assert_array_equal(data.geometry, plain.geometry)  # same blocks, other energies
+    specs = make_specs(6, ["phantom:heterogeneous"], 5, energy_range_mev=(70.0, 220.0), peak_in_body=1.0)
+    for i, spec in enumerate(specs):
+        expected = peak_in_body_energy(data.geometry[i], spec.peak_u, spec.peak_bounds_mev, run["voxel_mm"])
+        assert data.energy[i] == pytest.approx(expected, abs=1e-3)
+        depth = data.dose[i].sum(axis=(1, 2))
+        peak = int(np.argmax(depth))
+        body = np.flatnonzero((data.geometry[i][:, 3:5, 3:5] > BODY_THRESHOLD_HU).any(axis=(1, 2)))
+        assert body[0] - 2 <= peak <= body[-1] + 2 and depth[-1] < 0.05 * depth[peak]
+    assert read_dataset(out).energy.tolist() != plain.energy.tolist()
+    with BeamletFile(out) as f:
+        assert f.attrs["generation"]["peak_in_body"] == 1.0
+    # the option is part of the run's identity, and the CLI checks its value
+    with pytest.raises(InputError, match="different settings.*peak_in_body"):
+        parts = parts_dir_for(tmp_path / "r.h5")
+        with pytest.raises(Interrupt):
+            generate_dataset(tmp_path / "r.h5", peak_in_body=0.5,
+                             on_group_done=lambda d, t: (_ for _ in ()).throw(Interrupt()), **run)
+        assert parts.exists()
+        generate_dataset(tmp_path / "r.h5", resume=True, **run)
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--phantom", "water", "--energy-range", "70:100", "-n", "2", "--peak-in-body", "1.5",
+              "--out", str(tmp_path / "x.h5")])
+    assert exc.value.code == 2

@@ -65,6 +65,14 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    """A fraction from 0 to 1, both ends included."""
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction from 0 to 1, got {text}")
+    return value
+
+
 def port_number(text: str) -> int:
     """A TCP port, 1-65535."""
     value = positive_int(text)
@@ -173,7 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         energy_range_mev=parse_energy_range(args.energy_range) if args.energy_range else None,
         phantom=args.phantom, ct=args.ct.split(",") if args.ct else None, split=args.split,
         geometry_file=args.geometry,
-        balance_sites=args.balance_sites, seed=args.seed,
+        balance_sites=args.balance_sites, peak_in_body=args.peak_in_body, seed=args.seed,
         resume=args.resume, overwrite=args.overwrite, workers=args.workers, ray_address=args.ray_address, group_size=args.group_size,
         block_shape=args.block_shape, progress=not args.no_progress, command="dota " + " ".join(sys.argv[1:]),
     )
@@ -368,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     en = p.add_mutually_exclusive_group()
     en.add_argument("--energies", help="comma-separated energies in MeV, cycled over the beamlets")
     en.add_argument("--energy-range", help="LO:HI in MeV, sampled uniformly per beamlet")
+    p.add_argument("--peak-in-body", type=_share, default=0.0, metavar="FRACTION",
+                   help="with --energy-range: this share of the beamlets takes the energy whose range in water "
+                   "reaches a random point of the body on the beam's axis, as a plan's spots do (default 0: all "
+                   "uniform)")
     p.add_argument("-n", "--num-beamlets", type=positive_int, help="number of beamlets (default: one per listed energy)")
     p.add_argument("--primaries", type=positive_int, help="protons per beamlet (mcsquare; default 1e5)")
     p.add_argument("--threads", type=positive_int, help="MCsquare threads per beamlet (default 1: bit-reproducible)")

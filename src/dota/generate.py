@@ -51,6 +51,11 @@ class BeamletSpec:
     energy_mev: float
     source: str  # "phantom:<kind>" or "ct:<path>"
     master_seed: int
+    #: For a beamlet whose energy follows its geometry (``peak_in_body``): the energy range to keep it in
+    #: and the uniform number in [0, 1) that places its Bragg peak along the body (see
+    #: :func:`peak_in_body_energy`); ``energy_mev`` is then only the fallback for a block without body.
+    peak_bounds_mev: tuple[float, float] | None = None
+    peak_u: float | None = None
 
     def rng(self, stream: int) -> np.random.Generator:
         """Independent random stream ``stream`` of this beamlet (0: geometry)."""
@@ -120,11 +125,15 @@ def resolve_sources(phantom: str | Sequence[str] | None = None,
 def make_specs(n_beamlets: int | None, sources: Sequence[str], seed: int, *,
                energies: Sequence[float] | None = None,
                energy_range_mev: tuple[float, float] | None = None,
-               balance_sites: bool = False) -> list[BeamletSpec]:
+               balance_sites: bool = False, peak_in_body: float = 0.0) -> list[BeamletSpec]:
     """The beamlets of a run, in order. Depends only on the arguments (never on workers or timing).
 
     Listed ``energies`` are cycled (every source gets every energy in turn); an ``energy_range_mev`` is
-    sampled uniformly per beamlet. Without ``n_beamlets``, one beamlet per listed energy and source.
+    sampled uniformly per beamlet. With ``peak_in_body`` (a fraction, with an energy range), that share
+    of the beamlets instead takes the energy that puts its range at a random point of the body on its
+    axis (:func:`peak_in_body_energy`, decided once its block is cut): plans place their Bragg peaks in
+    the patient, where a uniform energy often stops in air beyond it or leaves the block.
+    Without ``n_beamlets``, one beamlet per listed energy and source.
     With ``balance_sites``, beamlets go to the anatomical sites in turn (:func:`dota.data.splits.site_of`)
     and to the sources of a site in turn, so every site gets the same share whatever its number of files.
     """
@@ -157,6 +166,12 @@ def make_specs(n_beamlets: int | None, sources: Sequence[str], seed: int, *,
             raise InputError("an energy range needs a number of beamlets")
     if int(n_beamlets) < 1:
         raise InputError(f"number of beamlets must be positive, got {n_beamlets}")
+    peak_in_body = float(peak_in_body)
+    if not 0.0 <= peak_in_body <= 1.0:
+        raise InputError(f"peak_in_body is a fraction of the beamlets, in [0, 1]; got {peak_in_body:g}")
+    if peak_in_body > 0 and energies is not None:
+        raise InputError("--peak-in-body chooses energies within an --energy-range; it does not apply to "
+                         "listed --energies")
     specs = []
     for i in range(int(n_beamlets)):
         if energies is not None:
@@ -166,8 +181,44 @@ def make_specs(n_beamlets: int | None, sources: Sequence[str], seed: int, *,
             energy = float(np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i, 2))).uniform(lo, hi))
             energy = round(energy, 3)
             source = source_of(i)
-        specs.append(BeamletSpec(index=i, energy_mev=energy, source=source, master_seed=int(seed)))
+        bounds = u = None
+        if peak_in_body > 0:
+            draw = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i, 3))).random(2)
+            if draw[0] < peak_in_body:
+                bounds, u = (lo, hi), float(draw[1])
+        specs.append(BeamletSpec(index=i, energy_mev=energy, source=source, master_seed=int(seed),
+                                 peak_bounds_mev=bounds, peak_u=u))
     return specs
+
+
+def peak_in_body_energy(block_hu: np.ndarray, u: float, bounds_mev: tuple[float, float],
+                        voxel_mm: tuple[float, float, float] = VOXEL_MM) -> float | None:
+    """The energy (MeV, 3 decimals) whose CSDA range in water is the water-equivalent depth of a point
+    on the block's axis, placed at fraction ``u`` of the way from the first to the last body voxel there.
+
+    The axis is the block's central column (the mean stopping power of its central 2 x 2 voxels when the
+    width is even); body is above :data:`dota.data.ct.BODY_THRESHOLD_HU`, air cavities between its first
+    and last voxel included. The energy is kept within ``bounds_mev``; ``None`` when the axis meets no
+    body.
+    """
+    from dota.data.ct import BODY_THRESHOLD_HU
+    from dota.physics import energy_from_csda_range_mev, hu_to_rsp
+
+    _, h, w = block_hu.shape
+    rows = slice((h - 1) // 2, h // 2 + 1)
+    cols = slice((w - 1) // 2, w // 2 + 1)
+    axis_hu = np.asarray(block_hu[:, rows, cols], dtype=np.float64)
+    body = np.flatnonzero((axis_hu > BODY_THRESHOLD_HU).any(axis=(1, 2)))
+    if len(body) == 0:
+        return None
+    dz = float(voxel_mm[0])
+    rsp = hu_to_rsp(axis_hu).mean(axis=(1, 2))
+    wed_at_faces = np.concatenate([[0.0], np.cumsum(rsp * dz)])  # WED at the upstream face of each slice
+    depth_mm = (body[0] + float(u) * (body[-1] + 1 - body[0])) * dz
+    wed = float(np.interp(depth_mm, dz * np.arange(len(wed_at_faces)), wed_at_faces))
+    lo, hi = bounds_mev
+    energy = float(energy_from_csda_range_mev(max(wed, 1e-3)))
+    return round(min(max(energy, lo), hi), 3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,6 +331,13 @@ def _match_priority(niceness: int | None) -> None:
         pass
 
 
+def _energy_of(spec: BeamletSpec, block: np.ndarray, voxel_mm: tuple[float, float, float]) -> float:
+    if spec.peak_bounds_mev is None:
+        return spec.energy_mev
+    matched = peak_in_body_energy(block, spec.peak_u, spec.peak_bounds_mev, voxel_mm)  # type: ignore[arg-type]
+    return spec.energy_mev if matched is None else matched
+
+
 def run_group(specs: Sequence[BeamletSpec], engine: str, engine_kwargs_json: str,
               block_shape: tuple[int, int, int], voxel_mm: tuple[float, float, float],
               niceness: int | None = None) -> dict[str, np.ndarray]:
@@ -291,7 +349,8 @@ def run_group(specs: Sequence[BeamletSpec], engine: str, engine_kwargs_json: str
     eng = _engine(engine, engine_kwargs_json)
     blocks, metas = zip(*(build_geometry(s, block_shape, voxel_mm) for s in specs), strict=True)
     geometry = np.stack(blocks)
-    energy = np.array([s.energy_mev for s in specs], dtype=np.float32)
+    energy = np.array([_energy_of(s, b, voxel_mm) for s, b in zip(specs, geometry, strict=True)],
+                      dtype=np.float32)
     seeds = np.array([s.seed for s in specs], dtype=np.int64)
     dose = eng.dose(geometry, energy, voxel_mm, seeds=seeds.tolist())
     return {
@@ -368,6 +427,7 @@ def generate_dataset(
     ct: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     split: str | None = None,
     balance_sites: bool = False,
+    peak_in_body: float = 0.0,
     geometry_file: str | os.PathLike | None = None,
     seed: int = 0,
     resume: bool = False,
@@ -398,6 +458,9 @@ def generate_dataset(
         :data:`dota.data.splits.PATIENT_SPLIT`): patients never cross splits.
     balance_sites
         Give every anatomical site the same share of beamlets (:func:`make_specs`).
+    peak_in_body
+        The fraction of beamlets whose energy puts the Bragg peak at a random point of the body on the
+        beam's axis instead of being uniform in ``energy_range_mev`` (:func:`make_specs`).
     geometry_file
         A dataset file whose blocks (and energies) to recompute with ``engine`` instead of sampling
         geometry: e.g. Monte Carlo for blocks a user brings. Excludes phantom, ct and energies.
@@ -420,9 +483,10 @@ def generate_dataset(
     out = check_output(out_path, inputs=[geometry_file], overwrite=overwrite, resumable=True)
     engine_kwargs = dict(engine_kwargs or {})
     if geometry_file is not None:
-        if phantom is not None or ct is not None or energies is not None or energy_range_mev is not None:
-            raise InputError("--geometry takes the blocks and energies of its file: "
-                             "do not combine it with --phantom, --ct, --energies or --energy-range")
+        if (phantom is not None or ct is not None or energies is not None or energy_range_mev is not None
+                or peak_in_body):
+            raise InputError("--geometry takes the blocks and energies of its file: do not combine it with "
+                             "--phantom, --ct, --energies, --energy-range or --peak-in-body")
         specs = geometry_file_specs(geometry_file, seed, n_beamlets)
         sources = [f"blocks:{Path(geometry_file).expanduser().resolve()}"]
     else:
@@ -432,7 +496,7 @@ def generate_dataset(
 
             sources = select_split(sources, split)
         specs = make_specs(n_beamlets, sources, seed, energies=energies, energy_range_mev=energy_range_mev,
-                           balance_sites=balance_sites)
+                           balance_sites=balance_sites, peak_in_body=peak_in_body)
     if group_size is None:
         group_size = _DEFAULT_GROUP_SIZE.get(engine, _DEFAULT_GROUP_SIZE_OTHER)
     if int(group_size) < 1:
@@ -456,6 +520,7 @@ def generate_dataset(
         "sources": sources,
         "split": split,
         "balance_sites": bool(balance_sites),
+        **({"peak_in_body": float(peak_in_body)} if peak_in_body else {}),
         "seed": int(seed),
         "group_size": int(group_size),
         "block_shape": [int(v) for v in block_shape],
