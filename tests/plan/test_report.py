@@ -55,3 +55,26 @@ def test_report_page_is_self_contained(tmp_path):
     assert "inside the patient <b>100.00 %</b>" in text
     assert "http" not in text.replace("http-equiv", "")
     assert (tmp_path / "r" / "dvh.png").is_file()
+
+
+def test_reference_noise_predicts_what_an_exact_dose_passes():
+    """Against the mean of noisy runs, an error-free dose passes about what the noise ceiling says."""
+    from dota.errors import InputError
+    from dota.plan.report import reference_noise
+
+    ct, truth = _case()
+    rng = np.random.default_rng(3)
+    sigma = 0.08 * truth.max()  # per run; the mean of 4 has 4 % of the maximum
+    runs = [truth + sigma * rng.standard_normal(truth.shape) for _ in range(4)]
+    noise = reference_noise(truth, runs, ct)
+    assert noise.runs == 4 and noise.sigma_percent == pytest.approx(4.0, rel=0.1)
+    actual = plan_gamma(truth, np.mean(runs, axis=0), ct).pass_rate_percent
+    assert 70.0 < actual < 99.0  # the noise matters at this level
+    assert noise.ceiling.pass_rate_percent == pytest.approx(actual, abs=1.5)
+    # more runs: less noise, a higher ceiling; little noise: no cost
+    more = reference_noise(truth, runs + [truth + sigma * rng.standard_normal(truth.shape) for _ in range(12)], ct)
+    assert more.sigma_percent < noise.sigma_percent and more.ceiling.pass_rate_percent > noise.ceiling.pass_rate_percent
+    quiet = reference_noise(truth, [truth + 0.002 * truth.max() * rng.standard_normal(truth.shape) for _ in range(2)], ct)
+    assert quiet.ceiling.pass_rate_percent == 100.0
+    with pytest.raises(InputError, match="two or more"):
+        reference_noise(truth, runs[:1], ct)

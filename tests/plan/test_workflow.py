@@ -157,4 +157,8 @@ def test_several_references_are_averaged(made_plan, dicom_ct, tmp_path):
         gamma = json.loads((tmp_path / f"{name}.json").read_text())["gamma"]
         assert gamma["references"] == [str(tmp_path / r) for r in refs]
         rates[name] = gamma["pass_rate_percent"]
+        # the runs' spread: their mean's noise and the pass rate an error-free dose would reach against it
+        assert ("noise_ceiling_percent" in gamma) == (name == "two")
     assert rates["two"] == pytest.approx(100.0) and rates["one"] < 90.0
+    assert 0 < gamma["reference_noise_percent"] <= 10.0 and gamma["noise_ceiling_percent"] < 90.0
+    assert 0 <= gamma["noise_ceiling_in_patient_percent"] <= 100.0

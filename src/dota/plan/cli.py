@@ -88,7 +88,8 @@ def add_commands(sub: argparse._SubParsersAction, add_common: Callable[..., None
     p.add_argument("--prescription", type=positive_float, help="prescribed dose (Gy) for V95/V107 in the DVH stats")
     p.add_argument("--reference", type=Path, action="append",
                    help="reference dose (RTDOSE/MHD/NIfTI) for the gamma map (2%%/2mm); repeat it for independent "
-                   "runs of one reference (Monte Carlo seeds): their mean is the reference")
+                   "runs of one reference (Monte Carlo seeds): their mean is the reference, and the summary gives its "
+                   "noise and the pass rate an error-free dose would reach against it (noise_ceiling_*)")
     p.add_argument("--report", type=Path, help="folder for the plan page (index.html)")
     p.add_argument("--dij", type=Path, help="write the dose-influence matrix (scipy.sparse, compressed .npz); it, and the "
                    "dose of a run with it, leave out the halo outside each block (docs/plans.md)")

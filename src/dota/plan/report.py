@@ -88,6 +88,43 @@ def plan_gamma(dose_gy: np.ndarray, reference_gy: np.ndarray, ct: PatientCT,
                        _pass_rate(out[inside]), int(inside.sum()))
 
 
+@dataclass(frozen=True)
+class ReferenceNoise:
+    """What the noise of a reference made of independent runs (Monte Carlo with different seeds) costs.
+
+    ``sigma_percent``: the per-voxel standard deviation of the runs' mean, in % of its maximum (root mean
+    square over the voxels inside the patient above the gamma cutoff). ``ceiling``: the gamma of a dose against that
+    dose plus one realisation of the mean's noise, i.e. the pass rate a dose free of error would reach
+    against this reference; a pass rate near it says the failures are the reference's noise."""
+
+    runs: int
+    sigma_percent: float
+    ceiling: GammaResult
+
+
+def reference_noise(dose_gy: np.ndarray, runs_gy: list[np.ndarray], ct: PatientCT,
+                    cutoff_percent: float = PLAN_GAMMA_CUTOFF_PERCENT) -> ReferenceNoise:
+    """:class:`ReferenceNoise` of the mean of ``runs_gy`` (two or more independent runs on the CT grid).
+
+    The noise realisation is run 0 minus the mean of the others, scaled to the variance of the mean of all
+    ``N`` runs (factor ``sqrt(N - 1) / N``): it keeps the runs' spatial correlation and dose dependence and,
+    for independent runs, carries none of the dose itself."""
+    n = len(runs_gy)
+    if n < 2:
+        raise InputError("the reference's noise needs two or more independent runs")
+    stack = np.stack([np.asarray(r, dtype=np.float64) for r in runs_gy])
+    mean = stack.mean(axis=0)
+    norm = float(mean.max())
+    if norm <= 0:
+        raise InputError("the reference dose is zero everywhere")
+    sigma = stack.std(axis=0, ddof=1) / np.sqrt(n)  # unbiased in variance, hence the RMS below
+    sel = (mean >= cutoff_percent / 100.0 * norm) & (np.asarray(ct.hu) > AIR_HU)
+    sigma_percent = float(100.0 * np.sqrt(np.mean(sigma[sel] ** 2)) / norm) if sel.any() else float("nan")
+    noise = (stack[0] - stack[1:].mean(axis=0)) * (np.sqrt(n - 1) / n)
+    dose = np.asarray(dose_gy, dtype=np.float64)
+    return ReferenceNoise(n, sigma_percent, plan_gamma(dose, dose + noise, ct, cutoff_percent=cutoff_percent))
+
+
 def _pass_rate(gamma: np.ndarray) -> float:
     """Percentage of ``gamma`` (evaluated voxels) at most 1; NaN for none."""
     return float(100.0 * np.mean(gamma <= 1.0)) if gamma.size else float("nan")

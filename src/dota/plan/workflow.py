@@ -48,6 +48,11 @@ class PlanGamma(TypedDict):
     voxels: int
     pass_rate_in_patient_percent: float  # over the voxels denser than air (dota.constants.AIR_HU)
     voxels_in_patient: int
+    # with two or more references (dota.plan.report.ReferenceNoise): the mean's per-voxel noise in % of its
+    # maximum, and the pass rates an error-free dose would reach against it
+    reference_noise_percent: NotRequired[float]
+    noise_ceiling_percent: NotRequired[float]
+    noise_ceiling_in_patient_percent: NotRequired[float]
 
 
 class PlanDvhStats(TypedDict):
@@ -276,18 +281,24 @@ def run_dose(
     gamma = None
     if references:
         from dota.plan.doseio import read_dose, resample_to_ct
-        from dota.plan.report import plan_gamma
+        from dota.plan.report import plan_gamma, reference_noise
 
         with timer("gamma"):
-            ref = np.zeros(ct.shape, dtype=np.float64)
+            runs = []
             for path in references:  # independent runs of one reference: their mean
                 one, grid = read_dose(path)
-                ref += resample_to_ct(one, grid, ct)
-            gamma = plan_gamma(dose, ref / len(references), ct)
+                runs.append(resample_to_ct(one, grid, ct).astype(np.float64))
+            gamma = plan_gamma(dose, np.mean(runs, axis=0), ct)
+            noise = reference_noise(dose, runs, ct) if len(runs) > 1 else None
         summary["gamma"] = {"criteria": gamma.criteria, "references": [str(r) for r in references],
                             "pass_rate_percent": round(gamma.pass_rate_percent, 3), "voxels": gamma.evaluated,
                             "pass_rate_in_patient_percent": round(gamma.pass_rate_in_patient_percent, 3),
                             "voxels_in_patient": gamma.evaluated_in_patient}
+        if noise is not None:
+            summary["gamma"].update({
+                "reference_noise_percent": round(noise.sigma_percent, 3),
+                "noise_ceiling_percent": round(noise.ceiling.pass_rate_percent, 3),
+                "noise_ceiling_in_patient_percent": round(noise.ceiling.pass_rate_in_patient_percent, 3)})
     summary["max_dose_gy"] = float(dose.max())
     summary["timings_s"] = timer.as_dict()
     if report_dir is not None:
