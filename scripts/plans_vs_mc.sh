@@ -20,6 +20,10 @@ K=$CTS/head_neck_openkbp
 run_plan() {  # name ct "plan options" "structures"
   local name=$1 ct=$2 opts=$3 structs=$4 out=$RUNS/plans/$1
   mkdir -p "$out"
+  # scripts/plans/NAME.dcm, where there is one, is the plan this command made once and the README's figures
+  # use: the same command places the same spots on one machine but not across machines (1,908 / 1,934 / 1,953
+  # spot-energies on three session machines), so figures from different sessions compare on that file
+  if [ ! -f "$out/plan.dcm" ] && [ -f "scripts/plans/$name.dcm" ]; then cp "scripts/plans/$name.dcm" "$out/plan.dcm"; fi
   [ -f "$out/plan.dcm" ] || $D plan --ct "$ct" $opts --dose 2 --out "$out/plan.dcm" --out "$out/plan.json" \
     --summary "$out/plan_summary.json" --overwrite --no-progress
   [ -f "$out/dose_mcsquare.mhd" ] || $D dose --ct "$ct" --plan "$out/plan.dcm" --engine mcsquare-plan \
