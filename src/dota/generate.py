@@ -520,6 +520,7 @@ def generate_dataset(
         "sources": sources,
         "split": split,
         "balance_sites": bool(balance_sites),
+        # only when used: runs started before the option existed keep their manifest and still resume
         **({"peak_in_body": float(peak_in_body)} if peak_in_body else {}),
         "seed": int(seed),
         "group_size": int(group_size),
