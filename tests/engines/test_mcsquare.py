@@ -17,7 +17,7 @@ from dota.engines import mcsquare as mc
 from dota.engines.mcsquare.install import _BUILDS, _WHEEL_MCSQUARE_DIR
 from dota.errors import EngineUnavailableError, InputError
 from dota.generate import BeamletSpec
-from tests.engines.mcsquare_stand_in import FAILING_SEED, install_stand_in, logged_seeds
+from tests.engines.mcsquare_stand_in import FAILING_SEED, crash_on, install_stand_in, logged_seeds
 
 PSTAR = Path(__file__).resolve().parents[3] / "shared" / "reference" / "pstar_water_csda.csv"
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden_mc.h5"
@@ -200,6 +200,34 @@ def test_simulate_keeps_its_files_and_names_the_job_on_failure(tmp_path: Path, m
     assert config["BDL_Machine_Parameter_File"] == str(mc.beam_model_path())
     with pytest.raises(EngineUnavailableError, match=r"failed on the plan \(exit 3\): ERROR: stand-in refuses"):
         eng.simulate(ct, (1.0, 2.0, 3.0), "a plan\n", FAILING_SEED, job="the plan")
+
+
+def test_a_run_mcsquare_crashes_on_is_rerun_with_derived_seeds(tmp_path: Path, monkeypatch, caplog) -> None:
+    log = install_stand_in(tmp_path, monkeypatch)
+    eng = mc.MCsquareEngine(primaries=10, hu_calibration="water")
+    block = np.arange(2 * 6 * 4 * 4, dtype=np.float32).reshape(2, 6, 4, 4)
+    retry1, retry2 = mc.crash_retry_seed(11, 1), mc.crash_retry_seed(11, 2)
+    assert len({11, retry1, retry2}) == 3 and all(1 <= s < 2**31 for s in (retry1, retry2))
+    assert mc.crash_retry_seed(11, 1) == retry1  # reproducible
+    crash_on(log, [11])
+    with caplog.at_level("WARNING", logger="dota.mcsquare"):
+        dose = eng.dose(block, [100.0, 110.0], seeds=[11, 12])
+    assert logged_seeds(log) == [11, retry1, 12]
+    np.testing.assert_allclose(dose, block * mc.EV_PER_G_TO_GY * 1e9, rtol=1e-6)  # the rerun's dose, complete
+    assert f"rerunning with seed {retry1}" in caplog.text and "killed by signal 11" in caplog.text
+    # a crash on a kept folder: the crashed run's outputs are cleared before the rerun
+    eng.simulate(np.zeros((2, 3, 4), np.float32), (1.0, 2.0, 3.0), "a plan\n", 11, folder=tmp_path / "run")
+    assert not (tmp_path / "run" / "Outputs" / "partial.txt").exists()
+    # crashing on every rerun too: one clear error after CRASH_RETRIES reruns
+    crash_on(log, [11, retry1, retry2])
+    with pytest.raises(EngineUnavailableError, match=r"exit -11\).*seed 11 and 2 rerun"):
+        eng.dose(block[:1], [100.0], seeds=[11])
+    assert logged_seeds(log)[-3:] == [11, retry1, retry2]
+    # an error MCsquare reports (non-zero exit) is not rerun
+    n = len(logged_seeds(log))
+    with pytest.raises(EngineUnavailableError, match=r"exit 3\)"):
+        eng.dose(block[:1], [100.0], seeds=[FAILING_SEED])
+    assert len(logged_seeds(log)) == n + 1
 
 
 def test_dota_mcsquare_install_takes_a_local_wheel(tmp_path: Path, monkeypatch, capsys) -> None:

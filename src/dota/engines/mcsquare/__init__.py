@@ -34,7 +34,7 @@ from dota.engines.mcsquare.calibration import (
     read_material_bins,
     scanner_dir,
 )
-from dota.engines.mcsquare.engine import EV_PER_G_TO_GY, MCsquareEngine
+from dota.engines.mcsquare.engine import CRASH_RETRIES, EV_PER_G_TO_GY, MCsquareEngine, crash_retry_seed
 from dota.engines.mcsquare.install import (
     SCANNER,
     MCsquareInstall,
@@ -48,6 +48,7 @@ from dota.engines.mcsquare.mhd import read_mhd, write_mhd
 
 __all__ = [
     "BEAM_MODEL_FILE",
+    "CRASH_RETRIES",
     "EV_PER_G_TO_GY",
     "EXTENSION_ENERGIES_MEV",
     "HU_CALIBRATIONS",
@@ -59,6 +60,7 @@ __all__ = [
     "beam_model_path",
     "build_dota_scanner",
     "calibration_description",
+    "crash_retry_seed",
     "default_cache_dir",
     "extend_beam_model",
     "find_mcsquare",

@@ -8,7 +8,9 @@ of the entrance face and the extended beam model of ``dota/resources/mcsquare`` 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -31,9 +33,23 @@ from dota.engines.mcsquare.mhd import read_mhd, write_mhd
 from dota.errors import DataFileError, EngineUnavailableError, InputError
 from dota.validation import check_beamlets
 
+log = logging.getLogger("dota.mcsquare")
+
+#: Reruns of a run that MCsquare ended with a crash (killed by a signal), each with the next
+#: :func:`crash_retry_seed`. MCsquare 1.1 segfaults on rare (block, seed) pairs: measured on a head-and-neck
+#: plan block (130.7 MeV) that crashed with one seed every time and ran with four others.
+CRASH_RETRIES: int = 2
+
 #: MCsquare writes dose in eV/g per primary; times this gives Gy per primary.
 EV_PER_G_TO_GY = 1.602176634e-19 * 1e3
 _EV_PER_G_TO_GY_PER_1E9 = EV_PER_G_TO_GY * PRIMARIES_UNIT
+
+
+def crash_retry_seed(seed: int, attempt: int) -> int:
+    """The seed of rerun ``attempt`` (1, 2, ...) of a run with ``seed`` that MCsquare crashed on: stream 0 of
+    ``SeedSequence(seed, spawn_key=(attempt,))`` in 1 .. 2**31 - 1, so a rerun is as reproducible as the run."""
+    state = np.random.SeedSequence(int(seed), spawn_key=(int(attempt),)).generate_state(1)[0]
+    return int(state % (2**31 - 2)) + 1
 
 
 class MCsquareEngine(DoseEngine):
@@ -140,27 +156,41 @@ class MCsquareEngine(DoseEngine):
         Gy per primary).
 
         The files are written into ``folder`` and kept there when it is given (a temporary folder
-        otherwise); ``job`` names the run in error messages.
+        otherwise); ``job`` names the run in error messages. A run MCsquare crashes on (killed by a signal)
+        is rerun up to :data:`CRASH_RETRIES` times with :func:`crash_retry_seed` ``(seed, 1)``, ``(seed, 2)``
+        (a warning says so); an error MCsquare reports itself (non-zero exit) fails at once.
         """
         ct = np.clip(ct_zyx, *HU_CLIP).astype(np.float32)
-        with tempfile.TemporaryDirectory(prefix="dota-mcsquare-") as tmp:
-            work = Path(folder) if folder is not None else Path(tmp)
-            work.mkdir(parents=True, exist_ok=True)
-            write_mhd(work / "CT.mhd", ct, spacing_xyz_mm)
-            (work / "plan.txt").write_text(plan_text)
-            (work / "config.txt").write_text(self.config_text(seed))
-            env = dict(os.environ, MCsquare_Materials_Dir=str(self.install.materials_dir))
-            try:
-                proc = subprocess.run([str(self.install.binary), "config.txt"], cwd=work, env=env,
-                                      capture_output=True, text=True, timeout=self.timeout_s)
-            except subprocess.TimeoutExpired:
-                raise EngineUnavailableError(f"MCsquare ran longer than {self.timeout_s:g} s on {job}") from None
-            dose_file = work / "Outputs" / "Dose.mhd"
-            if proc.returncode != 0 or not dose_file.is_file():
+        run_seed = int(seed)
+        for attempt in range(CRASH_RETRIES + 1):
+            if attempt:
+                run_seed = crash_retry_seed(seed, attempt)
+            with tempfile.TemporaryDirectory(prefix="dota-mcsquare-") as tmp:
+                work = Path(folder) if folder is not None else Path(tmp)
+                work.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(work / "Outputs", ignore_errors=True)  # a crashed run's leftovers
+                write_mhd(work / "CT.mhd", ct, spacing_xyz_mm)
+                (work / "plan.txt").write_text(plan_text)
+                (work / "config.txt").write_text(self.config_text(run_seed))
+                env = dict(os.environ, MCsquare_Materials_Dir=str(self.install.materials_dir))
+                try:
+                    proc = subprocess.run([str(self.install.binary), "config.txt"], cwd=work, env=env,
+                                          capture_output=True, text=True, timeout=self.timeout_s)
+                except subprocess.TimeoutExpired:
+                    raise EngineUnavailableError(f"MCsquare ran longer than {self.timeout_s:g} s on {job}") from None
+                dose_file = work / "Outputs" / "Dose.mhd"
+                if proc.returncode == 0 and dose_file.is_file():
+                    dose_zyx, _ = read_mhd(dose_file)
+                    break
                 msg = (proc.stdout + proc.stderr).strip().splitlines()
                 errors = [ln for ln in msg if "rror" in ln] or msg[-1:] or ["no output"]
-                raise EngineUnavailableError(f"MCsquare failed on {job} (exit {proc.returncode}): {errors[0].strip()}")
-            dose_zyx, _ = read_mhd(dose_file)
+                failure = f"MCsquare failed on {job} (exit {proc.returncode}): {errors[0].strip()}"
+                if proc.returncode >= 0 or attempt == CRASH_RETRIES:
+                    if attempt:
+                        failure += f" (seed {seed} and {attempt} rerun(s) with crash_retry_seed)"
+                    raise EngineUnavailableError(failure)
+                log.warning("%s with seed %d (killed by signal %d); rerunning with seed %d", failure, run_seed,
+                            -proc.returncode, crash_retry_seed(seed, attempt + 1))
         if dose_zyx.shape != ct.shape:
             raise DataFileError(f"MCsquare dose grid {dose_zyx.shape} differs from the CT grid {ct.shape}")
         return dose_zyx
