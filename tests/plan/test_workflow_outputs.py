@@ -63,6 +63,7 @@ def test_dose_refuses_every_existing_output_before_reading_anything(dicom_ct, pl
         ("dvh.png", ["--structure", TARGET, "--dvh", str(out / "dvh.csv")], "--dvh"),
         ("d.npz", ["--dij", str(out / "d")], "--dij"),  # numpy adds .npz
         ("s.json", ["--out", str(out / "x.mhd"), "--summary", str(out / "s.json")], "--summary"),
+        ("b.h5", ["--blocks-out", str(out / "b.h5")], "--blocks-out"),
     ]
     for name, options, option in cases:
         (out / name).write_text("old")
@@ -161,3 +162,34 @@ def test_write_by_name_leaves_nothing_on_error(tmp_path):
     with pytest.raises(InputError, match="stop"):
         write_by_name(tmp_path / "d.mhd", fail)
     assert [p.name for p in tmp_path.iterdir()] == ["d.mhd"] and (tmp_path / "d.mhd").read_text() == "old"
+
+
+def test_blocks_out_writes_the_blocks_the_engine_got(dicom_ct, plan_json, tmp_path, capsys):
+    from dota.data.hdf5 import BeamletFile
+    from dota.data.splits import patient_of
+    from dota.engines import get_engine
+    from dota.plan.planio import read_plan
+
+    assert main(_dose(dicom_ct, plan_json, "--out", str(tmp_path / "plain.mhd"))) == 0
+    assert main(_dose(dicom_ct, plan_json, "--out", str(tmp_path / "d.mhd"), "--blocks-out", str(tmp_path / "b.h5"),
+                      "--summary", str(tmp_path / "s.json"))) == 0
+    plain, with_blocks = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / n))) for n in ("plain.mhd", "d.mhd"))
+    np.testing.assert_array_equal(plain, with_blocks)  # recording changes nothing
+    plan = read_plan(plan_json)
+    energies = np.concatenate([b.spot_table()[1] for b in plan.beams])
+    with BeamletFile(tmp_path / "b.h5") as f:
+        geometry, dose, energy = np.asarray(f.geometry[:]), np.asarray(f.dose[:]), np.asarray(f.energy[:])
+        meta, attrs = f.meta, f.attrs
+    assert json.loads((tmp_path / "s.json").read_text())["blocks_out"] == str(tmp_path / "b.h5")
+    assert len(energy) == plan.n_spots == 6 and geometry.dtype == np.int16 and geometry.shape[1:] == (150, 24, 24)
+    np.testing.assert_array_equal(np.sort(meta["plan_column"]), np.arange(6))  # every spot-energy once
+    np.testing.assert_allclose(energy, energies[meta["plan_column"]], rtol=1e-6)
+    assert list(meta["gantry_deg"][meta["plan_column"]]) == [0, 0, 0, 0, 0, 90]
+    assert all(patient_of(str(s)) == patient_of(f"ct:{Path(dicom_ct).name}") for s in meta["source"])
+    assert attrs["engine"] == "analytic" and (geometry > -1000).any()  # blocks hold the phantom, not only air
+    # the stored dose is the engine's beamlet of the stored block (recomputed from the int16 HU: rounding only)
+    again = get_engine("analytic").dose(geometry.astype(np.float32), energy)
+    assert np.abs(again - dose).max() <= 1e-3 * dose.max() and dose.max() > 0
+    err = _refused(capsys, ["dose", "--ct", str(dicom_ct), "--plan", str(plan_json), "--engine", "mcsquare-plan",
+                            "--blocks-out", str(tmp_path / "c.h5"), "--no-progress"])
+    assert "--blocks-out needs a beamlet engine" in err and not (tmp_path / "c.h5").exists()

@@ -41,6 +41,7 @@ def cmd_dose(args: argparse.Namespace) -> int:
         dij_path=args.dij, dij_threshold=args.dij_threshold, max_beamlets_per_call=args.max_beamlets_per_call,
         parallel_beams=args.parallel_beams, block_corrections=not args.no_block_corrections,
         progress=not args.no_progress, summary_path=args.summary, overwrite=args.overwrite, workers=args.workers,
+        blocks_out=args.blocks_out,
     )
     _print_summary(summary, ("beams", "spot_energies", "spot_positions", "engine_calls", "max_dose_gy",
                              "dij_megabytes", "gamma", "dvh"))
@@ -107,6 +108,10 @@ def add_commands(sub: argparse._SubParsersAction, add_common: Callable[..., None
                         "dose is the same for any number (to float32 rounding)")
     p.add_argument("--max-beamlets-per-call", type=positive_int, default=128,
                    help="bound on beamlets per engine call (memory; default 128)")
+    p.add_argument("--blocks-out", type=Path, metavar="BLOCKS.h5",
+                   help="also write every spot-energy's block (as the engine got it), energy and beamlet dose as a "
+                   "dataset file (HDF5 beamlet format): with --engine mcsquare, Monte Carlo beamlets of the plan's "
+                   "own blocks to fine-tune on (dota train) or to evaluate engines against (dota evaluate)")
     p.add_argument("--summary", type=Path, help="write the run's summary (statistics, timings) as JSON")
     _add_overwrite(p, "existing outputs of --out, --dvh, --dij, --summary and --report")
     add_common(p)

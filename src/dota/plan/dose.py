@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from dota.constants import BLOCK_SHAPE, PRIMARIES_UNIT, VOXEL_MM
+from dota.constants import BLOCK_SHAPE, HU_CLIP, PRIMARIES_UNIT, VOXEL_MM
 from dota.engines.base import beamlet_seed
 from dota.errors import InputError
 from dota.plan import bev
@@ -139,6 +139,7 @@ def compute_plan_dose(
     entrance_spot: bool | None = None,
     diverging: bool = True,
     workers: int | None = None,
+    blocks: Any = None,
 ) -> PlanDose:
     """Dose of ``plan`` on ``ct``'s grid with a beamlet ``engine`` (see the module docstring).
 
@@ -176,6 +177,14 @@ def compute_plan_dose(
         can run so (``engine.concurrent``: the analytic and the DoTA engine on the CPU) and a system that forks
         (Linux). Default (:func:`plan_workers`): one per core of torch's thread budget, at most 8, for such an
         engine, else 1.
+    blocks
+        A :class:`~dota.data.hdf5.DatasetWriter` for the plan's blocks of ``block_shape``: every spot-energy's
+        block (int16 HU, cut from the beam grid and sheared onto its ray, as the engine got it), its energy
+        and the engine's beamlet dose (:meth:`~dota.engines.base.DoseEngine.plan_dose`: before the entrance
+        correction, the halo and the carry into the CT) are appended in plan order, with ``meta`` (see
+        :func:`plan_block_meta`). ``dota dose --blocks-out`` writes them as a dataset file: with the
+        ``mcsquare`` engine, Monte Carlo beamlets of the plan's own blocks (to train or evaluate on), with
+        ``dota``, the model's beamlets of the same blocks.
     """
     from dota.plan.dij import DijBuilder
 
@@ -234,6 +243,11 @@ def compute_plan_dose(
                 finish_until(works.index(work))  # the beams before this one are complete
                 stats["engine_calls"] += 1
                 work.deposit(chunk, job, dose)
+                if blocks is not None:
+                    with timer("blocks"):
+                        geometry = np.concatenate([np.repeat(b[None], r, axis=0) for b, r in zip(job.blocks, job.repeats)])
+                        blocks.append(np.rint(np.clip(geometry, *HU_CLIP)).astype(np.int16), dose, job.energies,
+                                      meta=plan_block_meta(ct, work.beam, work.column0 + job.idx, job.seeds))
             finish_until(len(works))
         finally:
             for work in works:
@@ -259,6 +273,18 @@ def compute_plan_dose(
     return result
 
 
+def plan_block_meta(ct: PatientCT, beam: Beam, columns: np.ndarray, seeds: list[int]) -> dict[str, np.ndarray]:
+    """The ``meta`` of a plan's recorded blocks (``compute_plan_dose(blocks=...)``): ``source`` (``ct:<CT name>``,
+    so :mod:`dota.data.splits` knows the patient), ``seed`` (the spot-energy's engine seed), ``gantry_deg``,
+    ``couch_deg`` and ``plan_column`` (the spot-energy's index in the plan: the dose-influence matrix's
+    column)."""
+    n = len(columns)
+    return {"source": np.array([f"ct:{ct.name}"] * n), "seed": np.asarray(seeds, dtype=np.int64),
+            "gantry_deg": np.full(n, beam.gantry_deg, dtype=np.float32),
+            "couch_deg": np.full(n, beam.couch_deg, dtype=np.float32),
+            "plan_column": np.asarray(columns, dtype=np.int64)}
+
+
 class _BeamWork:
     """One beam of a plan: its rotation into the beam's eye view and its spot windows (made on creation), its
     engine calls (:meth:`prepare`), the deposition of their doses into its grid (:meth:`deposit`) and the
@@ -270,6 +296,7 @@ class _BeamWork:
         from dota.physics import csda_range_mm
 
         self.ct, self.timer, self.stats, self.builder, self.column0 = ct, timer, stats, builder, column0
+        self.beam = beam
         self.block_shape, self.voxel_mm = block_shape, voxel_mm
         positions, self.energies, mu = beam.spot_table()
         self.ranges_mm = np.asarray(csda_range_mm(self.energies), dtype=np.float64)  # once per beam, not per spot

@@ -202,25 +202,29 @@ def run_dose(
     parallel_beams: bool = False,
     block_corrections: bool = True,
     workers: int | None = None,
+    blocks_out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """``dota dose``: see the module docstring. ``reference``: a reference dose, or several independent runs
     of one (Monte Carlo with different seeds), whose mean is the reference (its noise falls as 1/sqrt(runs)).
     ``workers``: worker processes for the engine calls
     (:func:`dota.plan.dose.plan_workers`; default one per core, at most 8, for the dota and analytic engines). ``parallel_beams`` sends every spot along the beam axis
     (no virtual source); ``block_corrections=False`` leaves out the halo and the entrance-spot correction
-    of engines with MCsquare blocks (:func:`dota.plan.dose.compute_plan_dose`). Returns a summary (paths, statistics, timings), also written
+    of engines with MCsquare blocks (:func:`dota.plan.dose.compute_plan_dose`). ``blocks_out``: write every spot-energy's block, energy and beamlet
+dose as a dataset file (``compute_plan_dose(blocks=...)``; atomically). Returns a summary (paths, statistics, timings), also written
     to ``summary_path`` when given. Every output is checked first (:func:`check_outputs`); existing ones are
     replaced only with ``overwrite``."""
     from dota.plan.doseio import dose_files
     from dota.plan.dvh import dvh_files
     from dota.plan.planio import read_plan
 
-    if not outputs and report_dir is None and dvh_csv is None and dij_path is None:
-        raise InputError("nothing to write: give --out (and/or --report, --dvh, --dij)")
+    if not outputs and report_dir is None and dvh_csv is None and dij_path is None and blocks_out is None:
+        raise InputError("nothing to write: give --out (and/or --report, --dvh, --dij, --blocks-out)")
     if dvh_csv is not None and not structures:
         raise InputError("--dvh needs structures (--structure)")
     if engine == "mcsquare-plan" and dij_path is not None:
         raise InputError("--dij needs a beamlet engine (dota, analytic, mcsquare), not mcsquare-plan")
+    if engine == "mcsquare-plan" and blocks_out is not None:
+        raise InputError("--blocks-out needs a beamlet engine (dota, analytic, mcsquare), not mcsquare-plan")
     if engine == "mcsquare-plan" and (parallel_beams or not block_corrections):
         raise InputError("--parallel-beams and --no-block-corrections apply to beamlet engines (dota, analytic, "
                          "mcsquare), not to MCsquare's own plan simulation")
@@ -229,6 +233,7 @@ def run_dose(
     files += [("--dvh", f) for f in dvh_files(dvh_csv)] if dvh_csv is not None else []
     files += [("--dij", dij_file(dij_path))] if dij_path is not None else []
     files += [("--summary", summary_path)] if summary_path is not None else []
+    files += [("--blocks-out", blocks_out)] if blocks_out is not None else []
     check_outputs(files, inputs=_input_files(ct_path, plan_path, *references, specs=structures), overwrite=overwrite,
                   report_dir=report_dir, report_writes=(PAGE, PAGE_SUMMARY) + ((PAGE_DVH,) if structures else ()))
     timer = StageTimer()
@@ -256,10 +261,30 @@ def run_dose(
         with timer("setup"):
             eng = build_engine(engine, model=model, device=device, seed=seed, primaries=primaries, threads=threads)
         corrections = None if block_corrections else False
-        result = compute_plan_dose(ct, plan, eng, progress=progress, max_beamlets_per_call=max_beamlets_per_call,
-                                   dij=dij_path is not None, dij_threshold=dij_threshold, timer=timer,
-                                   halo=False if dij_path is not None else corrections, entrance_spot=corrections,
-                                   diverging=not parallel_beams, workers=workers)
+
+        def compute(blocks: Any = None) -> Any:
+            return compute_plan_dose(ct, plan, eng, progress=progress, max_beamlets_per_call=max_beamlets_per_call,
+                                     dij=dij_path is not None, dij_threshold=dij_threshold, timer=timer,
+                                     halo=False if dij_path is not None else corrections, entrance_spot=corrections,
+                                     diverging=not parallel_beams, workers=workers, blocks=blocks)
+
+        if blocks_out is None:
+            result = compute()
+        else:
+            from dota.constants import BLOCK_SHAPE
+            from dota.data.hdf5 import DatasetWriter
+
+            done: list[Any] = []
+
+            def write_blocks(tmp: str) -> None:
+                attrs = {**eng.file_attrs(), "plan": str(plan_path), "ct": str(ct_path),
+                         "note": "a plan's blocks as its engine got them (dota dose --blocks-out)"}
+                with DatasetWriter(tmp, BLOCK_SHAPE, attrs=attrs) as writer:
+                    done.append(compute(writer))
+
+            atomic_write(blocks_out, write_blocks)
+            result = done[0]
+            summary["blocks_out"] = str(blocks_out)
         dose, dij = result.dose_gy, result.dij
         summary.update({k: v for k, v in result.stats.items() if k not in ("beams", "spot_energies")})
     with timer("write"):
