@@ -354,3 +354,26 @@ def test_peak_in_body_run_puts_bragg_peaks_in_the_body(tmp_path: Path) -> None:
         main(["generate", "--phantom", "water", "--energy-range", "70:100", "-n", "2", "--peak-in-body", "1.5",
               "--out", str(tmp_path / "x.h5")])
     assert exc.value.code == 2
+
+
+def test_a_beamlet_mcsquare_crashes_on_is_rerun_and_recorded(tmp_path: Path, monkeypatch, caplog) -> None:
+    import json
+
+    from dota.engines.mcsquare import crash_retry_seed
+    from dota.generate import manifest_path_for
+    from tests.engines.mcsquare_stand_in import crash_on, install_stand_in
+
+    log = install_stand_in(tmp_path, monkeypatch)
+    run = {"engine": "mcsquare", "engine_kwargs": {"primaries": 10, "hu_calibration": "water"}, "n_beamlets": 3,
+           "energies": [80.0, 90.0, 100.0], "phantom": "water", "seed": 4, "group_size": 2, **SMALL}
+    seeds = [s.seed for s in make_specs(3, ["phantom:water"], 4, energies=run["energies"])]
+    crash_on(log, [seeds[1]])
+    with caplog.at_level("WARNING", logger="dota.generate"):
+        out = generate_dataset(tmp_path / "c.h5", **run)
+    again = crash_retry_seed(seeds[1], 1)
+    assert f"MCsquare crashed on beamlet 1 with seed {seeds[1]}; its dose is the rerun's with seed {again}" in caplog.text
+    manifest = json.loads(manifest_path_for(out).read_text())
+    assert manifest["crash_reruns"] == [{"beamlet": 1, "seed": seeds[1], "rerun_seed": again}]
+    data = read_dataset(out)
+    np.testing.assert_array_equal(data.meta["seed"], seeds)  # the beamlets' own seeds; the rerun is derived
+    assert len(data.energy) == 3

@@ -352,8 +352,11 @@ def run_group(specs: Sequence[BeamletSpec], engine: str, engine_kwargs_json: str
     energy = np.array([_energy_of(s, b, voxel_mm) for s, b in zip(specs, geometry, strict=True)],
                       dtype=np.float32)
     seeds = np.array([s.seed for s in specs], dtype=np.int64)
+    reruns_before = len(getattr(eng, "crash_reruns", []))
     dose = eng.dose(geometry, energy, voxel_mm, seeds=seeds.tolist())
+    rerun = dict(getattr(eng, "crash_reruns", [])[reruns_before:])  # seed -> the seed a crashed run was redone with
     return {
+        "crash_rerun_seed": np.array([rerun.get(int(s), 0) for s in seeds], dtype=np.int64),
         "index": np.array([s.index for s in specs], dtype=np.int64),
         "geometry": geometry,
         "dose": np.asarray(dose, dtype=np.float32),
@@ -601,6 +604,9 @@ def _generate(out: Path, parts: Path, specs: list[BeamletSpec], groups: list[lis
             bar.set_postfix_str(f"{(done - done_at_start) / max(elapsed, 1e-9) * 3600:,.0f} beamlets/h")
             if on_group_done is not None:
                 on_group_done(done, len(specs))
+            for i, seed, again in _crash_reruns(arrays):
+                logger.warning("MCsquare crashed on beamlet %d with seed %d; its dose is the rerun's with seed %d "
+                               "(crash_retry_seed)", i, seed, again)
 
         if todo and (workers > 1 or ray_address):
             _run_on_ray(groups, todo, args, workers, ray_address, finished,
@@ -613,7 +619,7 @@ def _generate(out: Path, parts: Path, specs: list[BeamletSpec], groups: list[lis
     rate = computed / elapsed * 3600 if computed and elapsed > 0 else None
     if rate is not None:
         logger.info("%d beamlets in %.1f s: %.0f beamlets/hour with %d worker(s)", computed, elapsed, rate, workers)
-    _merge(out, parts, groups, eng.file_attrs(), manifest, voxel_mm)
+    reruns = _merge(out, parts, groups, eng.file_attrs(), manifest, voxel_mm)
     _write_json_atomic(manifest_path_for(out), {
         "dataset": out.name,
         "command": command,
@@ -623,6 +629,7 @@ def _generate(out: Path, parts: Path, specs: list[BeamletSpec], groups: list[lis
         "rate_beamlets_per_hour": None if rate is None else round(rate, 1),
         "rate_note": f"{computed} beamlets computed in this call in {elapsed:.1f} s, {workers} worker(s)",
         "seeds": "beamlet i: SeedSequence(seed, spawn_key=(i, 0)) geometry, (i, 1) engine, (i, 2) energy",
+        "crash_reruns": [{"beamlet": i, "seed": seed, "rerun_seed": again} for i, seed, again in reruns],
     })
     if not keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
@@ -656,15 +663,26 @@ def _run_on_ray(groups: list[list[BeamletSpec]], todo: list[int], args: tuple, w
                 finished(g, ray.get(ref))
 
 
+def _crash_reruns(arrays: dict[str, np.ndarray]) -> list[tuple[int, int, int]]:
+    """``(beamlet, seed, rerun seed)`` of a part's beamlets whose engine run crashed and was redone
+    (:func:`dota.engines.mcsquare.crash_retry_seed`); parts written before this was recorded have none."""
+    again = arrays.get("crash_rerun_seed")
+    if again is None:
+        return []
+    return [(int(arrays["index"][k]), int(arrays["seed"][k]), int(again[k])) for k in np.flatnonzero(again)]
+
+
 def _merge(out: Path, parts: Path, groups: list[list[BeamletSpec]], attrs: dict[str, Any],
-           manifest: dict[str, Any], voxel_mm: tuple[float, float, float]) -> None:
-    """Stream the parts, in beamlet order, into the output file (atomically): one part in memory at a time."""
+           manifest: dict[str, Any], voxel_mm: tuple[float, float, float]) -> list[tuple[int, int, int]]:
+    """Stream the parts, in beamlet order, into the output file (atomically): one part in memory at a time.
+    Returns the crash reruns the parts record (:func:`_crash_reruns`)."""
     from dota.data.hdf5 import DatasetWriter
 
     meta_keys = ("seed", "source", "gantry_deg", "couch_deg", "spot_offset_mm", "sha256")
     block_shape = tuple(manifest["block_shape"])
     leaving: list[np.ndarray] = []
     energies: list[np.ndarray] = []
+    reruns: list[tuple[int, int, int]] = []
 
     def write(tmp: str) -> None:
         with DatasetWriter(tmp, block_shape, attrs={**attrs, "generation": manifest}, voxel_mm=voxel_mm) as w:
@@ -676,10 +694,12 @@ def _merge(out: Path, parts: Path, groups: list[list[BeamletSpec]], attrs: dict[
                          meta={k: arrays[k] for k in meta_keys})
                 leaving.append(_leaving(arrays["dose"], 0.01))
                 energies.append(arrays["energy"])
+                reruns.extend(_crash_reruns(arrays))
 
     atomic_write(out, write)
     shape_only = np.empty((0, *block_shape), dtype=np.float32)
     warn_beams_leaving_block(shape_only, np.concatenate(energies), voxel_mm, leaving=np.concatenate(leaving))
+    return reruns
 
 
 def _leaving(dose: np.ndarray, fraction: float) -> np.ndarray:

@@ -95,6 +95,8 @@ class MCsquareEngine(DoseEngine):
         self.seed = int(seed)
         self.hu_calibration = hu_calibration
         self.timeout_s = float(timeout_s)
+        #: ``(seed, rerun seed)`` of every run of this engine that MCsquare crashed on and a rerun completed.
+        self.crash_reruns: list[tuple[int, int]] = []
         self.energy_range_mev = ENGINE_ENERGY_RANGE_MEV
         self.scanner_dir = scanner_dir(self.install, hu_calibration)
         digest = hashlib.sha256(self.install.beam_model.read_bytes()).hexdigest()[:8]
@@ -158,7 +160,8 @@ class MCsquareEngine(DoseEngine):
         The files are written into ``folder`` and kept there when it is given (a temporary folder
         otherwise); ``job`` names the run in error messages. A run MCsquare crashes on (killed by a signal)
         is rerun up to :data:`CRASH_RETRIES` times with :func:`crash_retry_seed` ``(seed, 1)``, ``(seed, 2)``
-        (a warning says so); an error MCsquare reports itself (non-zero exit) fails at once.
+        (a warning says so, and :attr:`crash_reruns` records it); an error MCsquare reports itself (non-zero
+        exit) fails at once.
         """
         ct = np.clip(ct_zyx, *HU_CLIP).astype(np.float32)
         run_seed = int(seed)
@@ -181,6 +184,8 @@ class MCsquareEngine(DoseEngine):
                 dose_file = work / "Outputs" / "Dose.mhd"
                 if proc.returncode == 0 and dose_file.is_file():
                     dose_zyx, _ = read_mhd(dose_file)
+                    if attempt:
+                        self.crash_reruns.append((int(seed), run_seed))
                     break
                 msg = (proc.stdout + proc.stderr).strip().splitlines()
                 errors = [ln for ln in msg if "rror" in ln] or msg[-1:] or ["no output"]
