@@ -56,6 +56,20 @@ def test_resume_after_interruption_is_bit_identical(small_h5, tmp_path):
     assert [h["val_loss"] for h in ha] == [h["val_loss"] for h in hb]
 
 
+def test_resume_with_more_epochs_extends_the_run_bit_identically(small_h5, tmp_path):
+    train(small_h5, tmp_path / "full", TrainConfig(**CFG), progress=False)
+    train(small_h5, tmp_path / "ext", TrainConfig(**{**CFG, "epochs": 1}), progress=False)
+    train(small_h5, tmp_path / "ext", {"epochs": 2}, resume=True, progress=False)
+    a = load_file(str(tmp_path / "full" / "last.safetensors"))
+    b = load_file(str(tmp_path / "ext" / "last.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    hb = json.loads((tmp_path / "ext" / "history.json").read_text())
+    assert [h["epoch"] for h in hb] == [1, 2]
+    with pytest.raises(InputError, match="--epochs 2"):  # fewer epochs than the run has would drop some
+        train(small_h5, tmp_path / "ext", {"epochs": 1}, resume=True, progress=False)
+
+
 def test_resume_without_state_and_bad_config(small_h5, tmp_path):
     with pytest.raises(DataFileError, match="no training state"):
         train(small_h5, tmp_path / "empty", resume=True, progress=False)

@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=non_negative_int,
                    help="save resumable state every N steps (0: at epoch ends only; default 50)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last saved state, with its settings (changed ones are refused)")
+                   help="continue the run in --out from its last saved state, with its settings (changed ones are "
+                        "refused, except a larger --epochs, which extends the run)")
     _add_overwrite(p, "the run already in --out (start over)")
     _add_common(p, seed_default=None)
     p.set_defaults(func=cmd_train, device=None)

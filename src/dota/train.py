@@ -61,7 +61,7 @@ LAST_FILE = "last.safetensors"
 #: Every file a run writes into its folder (what ``overwrite`` replaces).
 RUN_FILES: tuple[str, ...] = (STATE_FILE, BEST_FILE, LAST_FILE, "train_config.json", "history.json",
                               "history.csv", "history.png", "summary.json")
-#: TrainConfig fields a resumed run may change: they do not change what is trained.
+#: TrainConfig fields a resumed run may change: they do not change what is trained (``epochs`` may grow too).
 RESUME_MAY_CHANGE: tuple[str, ...] = ("device", "checkpoint_every", "validate_cache_beamlets")
 
 
@@ -138,13 +138,16 @@ def _config_for(config: TrainConfig | dict[str, Any] | None, saved: dict[str, An
         cfg.check()
         return cfg
     saved = {k: v for k, v in saved.items() if k in known}
-    changed = [k for k, v in given.items() if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
+    # more epochs extend a run (the schedule depends on the epoch only, so the result is that of a run started
+    # with them); fewer would leave finished epochs behind
+    changed = [k for k, v in given.items() if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v
+               and not (k == "epochs" and v > saved[k])]
     if changed:
         was = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
         now = ", ".join(f"{given[k]}" for k in changed)
         raise InputError(f"--resume: the run in {out_dir} was started with {was}, not {now}; resume with its "
                          "settings, or start a new run (another --out, or --overwrite)")
-    cfg = TrainConfig(**{**saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}})
+    cfg = TrainConfig(**{**saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE or k == "epochs"}})
     cfg.check()
     return cfg
 
