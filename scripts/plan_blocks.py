@@ -14,7 +14,7 @@ to an engine. The file is then a ``--geometry`` for Monte Carlo beamlets::
 A validation set for model selection (fewer blocks, more primaries)::
 
     python scripts/plan_blocks.py data/mc/hn_planblocks_val_geom.h5 --split val --per-patient 300 --seed 9010
-    dota generate --engine mcsquare --geometry data/mc/hn_planblocks_val_geom.h5 --primaries 100000 \
+    dota generate --engine mcsquare --geometry data/mc/hn_planblocks_val_geom.h5 --primaries 100000 \\
         --workers 2 --resume --seed 1010 --out data/mc/hn_planblocks_val_1e5.h5
 
 The beamlet dose in the geometry file is the analytic engine's; ``dota generate`` replaces it with MCsquare's.
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from dota.fileio import atomic_write
     from dota.plan.dose import compute_plan_dose
     from dota.plan.geometry import read_patient_ct
-    from dota.plan.model import Beam, EnergyLayer, Plan
+    from dota.plan.model import Plan
     from dota.plan.optimize import place_spots
     from dota.plan.workflow import load_structure_specs
 
@@ -60,29 +60,22 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in PATIENTS]
     if unknown:
         raise SystemExit(f"no gantry angles listed for {', '.join(unknown)}; known: {', '.join(PATIENTS)}")
+    for name in names:
+        if split_of(f"openkbp_{name}") != a.split:
+            raise SystemExit(f"{name} is not a {a.split} patient ({split_of(f'openkbp_{name}')} split)")
     rng = np.random.default_rng(a.seed)
     engine = get_engine("analytic")
     plans = []
     for name in names:
-        if split_of(f"openkbp_{name}") != a.split:
-            raise SystemExit(f"{name} is not a {a.split} patient ({split_of(f'openkbp_{name}')} split)")
         ct = read_patient_ct(HN / f"{name}_ct.csv")
         target = load_structure_specs([str(HN / f"{name}_PTV70.csv")], ct)[0].mask
         beams = [place_spots(ct, target, g, spot_spacing_mm=6.0, layer_spacing_mm=6.0, name=f"G{g}")
                  for g in PATIENTS[name]]
-        n = sum(b.n_spots for b in beams)
+        plan = Plan(beams, name=name)
+        n = plan.n_spots
         keep = np.zeros(n, dtype=bool)
         keep[rng.choice(n, size=min(a.per_patient, n), replace=False)] = True
-        kept, at = [], 0
-        for b in beams:
-            layers = []
-            for layer in b.layers:
-                sel = keep[at:at + layer.n_spots]
-                at += layer.n_spots
-                if sel.any():
-                    layers.append(EnergyLayer(layer.energy_mev, layer.positions_mm[sel], layer.mu[sel]))
-            kept.append(Beam(b.name, b.gantry_deg, b.couch_deg, b.isocenter_mm, layers, b.patient_position))
-        plans.append((ct, Plan(kept, name=name)))
+        plans.append((ct, plan.subset(keep)))
         print(f"{name}: {n} spot-energies placed, {int(keep.sum())} kept", file=sys.stderr)
 
     def write(tmp: str) -> None:

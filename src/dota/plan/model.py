@@ -126,6 +126,24 @@ class Plan:
             beams.append(Beam(b.name, b.gantry_deg, b.couch_deg, b.isocenter_mm, layers, b.patient_position))
         return Plan(beams, self.fractions, self.name, dict(self.info))
 
+    def subset(self, keep: np.ndarray) -> Plan:
+        """A copy with only the spot-energies where ``keep`` (a mask in :meth:`spot_weights` order) is true;
+        layers and beams left without spots are dropped."""
+        keep = np.asarray(keep, dtype=bool).reshape(-1)
+        if keep.size != self.n_spots:
+            raise InputError(f"a mask of {keep.size} for a plan of {self.n_spots} spot-energies")
+        beams, start = [], 0
+        for b in self.beams:
+            layers = []
+            for layer in b.layers:
+                sel = keep[start:start + layer.n_spots]
+                start += layer.n_spots
+                if sel.any():
+                    layers.append(EnergyLayer(layer.energy_mev, layer.positions_mm[sel], layer.mu[sel]))
+            if layers:
+                beams.append(Beam(b.name, b.gantry_deg, b.couch_deg, b.isocenter_mm, layers, b.patient_position))
+        return Plan(beams, self.fractions, self.name, dict(self.info))
+
     def validate(self, energy_range_mev: tuple[float, float] = ENGINE_ENERGY_RANGE_MEV, where: str = "") -> None:
         """Raise :class:`InputError` on an empty plan, negative or non-finite weights or positions, or a
         nominal energy outside ``energy_range_mev`` (the beam model's range, 70-225 MeV)."""

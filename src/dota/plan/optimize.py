@@ -271,7 +271,8 @@ def make_plan(
                                max_iterations=max_iterations)
     # drop spot-energies the optimiser switched off (below 1e-4 of the largest weight)
     mu = np.where(opt.mu >= 1e-4 * opt.mu.max(), opt.mu, 0.0)
-    plan = _without_zero_spots(plan.with_weights(mu))
+    plan = plan.with_weights(mu)
+    plan = plan.subset(plan.spot_weights() > 0)
     dose_t = dij.dose(mu).reshape(-1)[np.flatnonzero(target)]
     summary = {
         "beams": [{"name": b.name, "gantry_deg": b.gantry_deg, "couch_deg": b.couch_deg,
@@ -295,12 +296,3 @@ def make_plan(
         "dij": dij,
     }
     return plan, summary
-
-
-def _without_zero_spots(plan: Plan) -> Plan:
-    beams = []
-    for b in plan.beams:
-        layers = [EnergyLayer(la.energy_mev, la.positions_mm[la.mu > 0], la.mu[la.mu > 0]) for la in b.layers]
-        layers = [la for la in layers if la.n_spots]
-        beams.append(Beam(b.name, b.gantry_deg, b.couch_deg, b.isocenter_mm, layers, b.patient_position))
-    return Plan([b for b in beams if b.layers], plan.fractions, plan.name, dict(plan.info))
