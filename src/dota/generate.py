@@ -352,9 +352,10 @@ def run_group(specs: Sequence[BeamletSpec], engine: str, engine_kwargs_json: str
     energy = np.array([_energy_of(s, b, voxel_mm) for s, b in zip(specs, geometry, strict=True)],
                       dtype=np.float32)
     seeds = np.array([s.seed for s in specs], dtype=np.int64)
-    reruns_before = len(getattr(eng, "crash_reruns", []))
+    crash_reruns = getattr(eng, "crash_reruns", [])  # the MCsquare engine's (seed, rerun seed) log
+    before = len(crash_reruns)
     dose = eng.dose(geometry, energy, voxel_mm, seeds=seeds.tolist())
-    rerun = dict(getattr(eng, "crash_reruns", [])[reruns_before:])  # seed -> the seed a crashed run was redone with
+    rerun = dict(crash_reruns[before:])  # seed -> the seed a crashed run was redone with
     return {
         "crash_rerun_seed": np.array([rerun.get(int(s), 0) for s in seeds], dtype=np.int64),
         "index": np.array([s.index for s in specs], dtype=np.int64),

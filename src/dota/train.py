@@ -61,8 +61,11 @@ LAST_FILE = "last.safetensors"
 #: Every file a run writes into its folder (what ``overwrite`` replaces).
 RUN_FILES: tuple[str, ...] = (STATE_FILE, BEST_FILE, LAST_FILE, "train_config.json", "history.json",
                               "history.csv", "history.png", "summary.json")
-#: TrainConfig fields a resumed run may change: they do not change what is trained (``epochs`` may grow too).
+#: TrainConfig fields a resumed run may change: they do not change what is trained.
 RESUME_MAY_CHANGE: tuple[str, ...] = ("device", "checkpoint_every", "validate_cache_beamlets")
+#: TrainConfig fields a resumed run may raise: more epochs extend it (the schedule depends on the epoch only,
+#: so the result is that of a run started with them); fewer would leave finished epochs behind.
+RESUME_MAY_GROW: tuple[str, ...] = ("epochs",)
 
 
 @dataclass
@@ -127,7 +130,8 @@ class TrainConfig:
 def _config_for(config: TrainConfig | dict[str, Any] | None, saved: dict[str, Any] | None,
                 out_dir: Path) -> TrainConfig:
     """The run's TrainConfig: ``config`` (a TrainConfig, or the fields given) for a new run; for a resumed
-    one the ``saved`` config, refusing any field that ``config`` changes (except :data:`RESUME_MAY_CHANGE`)."""
+    one the ``saved`` config, refusing any field that ``config`` changes (except :data:`RESUME_MAY_CHANGE`, and
+    :data:`RESUME_MAY_GROW` raised)."""
     given = asdict(config) if isinstance(config, TrainConfig) else dict(config or {})
     known = set(TrainConfig.__dataclass_fields__)
     unknown = sorted(set(given) - known)
@@ -138,16 +142,14 @@ def _config_for(config: TrainConfig | dict[str, Any] | None, saved: dict[str, An
         cfg.check()
         return cfg
     saved = {k: v for k, v in saved.items() if k in known}
-    # more epochs extend a run (the schedule depends on the epoch only, so the result is that of a run started
-    # with them); fewer would leave finished epochs behind
-    changed = [k for k, v in given.items() if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v
-               and not (k == "epochs" and v > saved[k])]
+    may = set(RESUME_MAY_CHANGE) | {k for k in RESUME_MAY_GROW if k in given and k in saved and given[k] > saved[k]}
+    changed = [k for k, v in given.items() if k not in may and k in saved and saved[k] != v]
     if changed:
         was = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
         now = ", ".join(f"{given[k]}" for k in changed)
         raise InputError(f"--resume: the run in {out_dir} was started with {was}, not {now}; resume with its "
                          "settings, or start a new run (another --out, or --overwrite)")
-    cfg = TrainConfig(**{**saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE or k == "epochs"}})
+    cfg = TrainConfig(**{**saved, **{k: v for k, v in given.items() if k in may}})
     cfg.check()
     return cfg
 
