@@ -295,8 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["lamb", "adamw"], help="lamb (default) or adamw")
     p.add_argument("--lr-halving-epochs", type=non_negative_int, help="halve the lr every N epochs (0: never; default 4)")
     p.add_argument("--val-fraction", type=_fraction, help="share of the data held out for validation (default 0.1)")
-    p.add_argument("--no-augment", action="store_true", help="no random 90-degree lateral rotations")
-    p.add_argument("--flips", action="store_true", help="also random lateral flips")
+    p.add_argument("--no-augment", action="store_true",
+                   help="no random 90-degree lateral rotations (they swap the beam model's spot widths along "
+                   "rows and columns, which differ; with --flips: row and column flips only)")
+    p.add_argument("--flips", action="store_true",
+                   help="also random lateral flips (with --no-augment: rows and columns flipped independently)")
     p.add_argument("--init", help="fine-tune: start from this checkpoint's weights, model and normalisation "
                    "(instead of --preset)")
     p.add_argument("--integral-weight", type=_non_negative_float,

@@ -47,6 +47,29 @@ def test_augmentation_rotates_geometry_and_dose_together_reproducibly(tmp_path):
     assert len(seen) > 1
 
 
+def test_flips_without_rotations_never_swap_rows_and_columns(tmp_path):
+    """The beam model's spot differs along rows and columns: flips alone keep each axis's width, and all four
+    row/column flips occur."""
+    g, e, d = synthetic_beamlets(8)
+    rng = np.random.default_rng(1)
+    g = (g + rng.integers(-50, 50, g.shape)).astype(np.int16)
+    d = d * rng.uniform(0.5, 1.0, d.shape).astype(np.float32)
+    path = write_dataset(tmp_path / "asym.h5", g, d, e, attrs=TEST_ATTRS)
+    norm = compute_normalization(path)
+    plain = BeamletDataset(path, norm)
+    flipped = BeamletDataset(path, norm, augment=False, flips=True, seed=3)
+    g0, _, d0 = plain[2]
+    seen = set()
+    for epoch in range(16):
+        flipped.set_epoch(epoch)
+        g1, _, d1 = flipped[2]
+        match = [dims for dims in ((), (1,), (2,), (1, 2))
+                 if torch.equal(torch.flip(g0, dims) if dims else g0, g1) and torch.equal(torch.flip(d0, dims) if dims else d0, d1)]
+        assert match, "geometry and dose must get the same flips, and no rotation"
+        seen.add(match[0])
+    assert seen == {(), (1,), (2,), (1, 2)}
+
+
 def _t(x, k, flip):
     x = torch.rot90(x, k, dims=(1, 2))
     return torch.flip(x, dims=(2,)) if flip else x

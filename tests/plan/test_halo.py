@@ -175,7 +175,7 @@ def test_entrance_correction_keeps_the_integral_and_narrows_by_delta():
     g = np.exp(-0.5 * x**2 / 16.0)
     block = np.repeat((g[:, None] * g[None, :])[None], 5, axis=0)[None]  # (1, L, H, W)
     out = _entrance_spot_correction(block, np.array([150.0]), 100.0, VOXEL)[0]
-    d_rows, d_cols = np.array(entrance_spot_delta_mm2(150.0, 100.0)) + 4.0 / 6.0
+    d_rows, d_cols = np.array(entrance_spot_delta_mm2(150.0, 100.0)) + 4.0 / 4.0  # + h^2/4, the resampling blur
     np.testing.assert_allclose(out.sum(axis=(1, 2)), block[0].sum(axis=(1, 2)), rtol=1e-4)
 
     def var(a, axis):

@@ -33,7 +33,11 @@ class BeamletDataset(Dataset):
         Global indices into the concatenation to use (e.g. a train or validation split); all by default.
     augment
         Random 90-degree lateral rotations (the paper's augmentation) and, if ``flips``, lateral flips.
-        The same transform is applied to geometry and dose. The transform of item ``i`` is drawn from
+        Without ``augment``, ``flips`` flips rows and columns (each with probability 1/2) but never swaps
+        them: the shipped beam model's spot is wider along rows (IEC Y) than along columns (e.g. 7.9 vs
+        4.9 mm at the nozzle at 70 MeV), and rotations swap the two, so a model trained with them learns
+        spots between the two (fitted on plan blocks: too narrow along rows, too wide along columns by
+        0.5-2.7 mm^2; :mod:`dota.plan.lateral`). The same transform is applied to geometry and dose. The transform of item ``i`` is drawn from
         a generator seeded by ``(seed, epoch, i)`` (see :meth:`set_epoch`), so it is reproducible in
         any worker and after a resume.
     base_engine
@@ -141,6 +145,13 @@ class BeamletDataset(Dataset):
             if self.flips and rng.integers(2):
                 g, d = torch.flip(g, dims=(2,)), torch.flip(d, dims=(2,))
                 base = None if base is None else torch.flip(base, dims=(2,))
+        elif self.flips:  # flips of rows and of columns only: they keep each axis's spot width
+            rng = np.random.default_rng([self.seed, self.epoch, int(self.indices[i])])
+            flip_rows, flip_cols = rng.integers(2, size=2)
+            dims = tuple(dim for dim, f in ((1, flip_rows), (2, flip_cols)) if f)
+            if dims:
+                g, d = torch.flip(g, dims=dims), torch.flip(d, dims=dims)
+                base = None if base is None else torch.flip(base, dims=dims)
         if self.base_input:
             g = torch.stack([g, base], dim=1)  # (L, 2, H, W): the model's network input
         return g.contiguous(), e, d.contiguous()

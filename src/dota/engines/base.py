@@ -67,6 +67,12 @@ class DoseEngine(abc.ABC):
     #: in several (:func:`dota.plan.dose.plan_workers`).
     concurrent: bool = False
 
+    def lateral_excess_mm2(self, energies_mev: np.ndarray) -> np.ndarray:
+        """(n, 2) how much wider (variance, mm^2; rows, cols) the engine's beamlets are than the Monte Carlo
+        blocks they stand for, per energy: plans sharpen them by it with the entrance-spot correction
+        (:mod:`dota.plan.dose`). Zero unless measured (a learned model's record: ``scripts/fit_lateral.py``)."""
+        return np.zeros((len(np.atleast_1d(energies_mev)), 2))
+
     @abc.abstractmethod
     def dose(
         self,

@@ -51,6 +51,7 @@ class LearnedEngine(DoseEngine):
         self.source = str(model)
         self.mcsquare_blocks = _trained_on_mcsquare(model) if mcsquare_blocks is None else bool(mcsquare_blocks)
         self.concurrent = self.model.device.type == "cpu"  # on a GPU one stream of calls keeps it busy
+        self.lateral_table = _lateral_table(model)
 
     def dose(self, geometry_hu: np.ndarray, energies_mev: np.ndarray, voxel_mm=VOXEL_MM, *,
              seeds: Sequence[int] | None = None) -> np.ndarray:
@@ -66,10 +67,44 @@ class LearnedEngine(DoseEngine):
         self._check_voxel(voxel_mm)
         return self.runner.predict(geometry_hu, energies_mev, batch_size=self.batch_size, clip=False)
 
+    def lateral_excess_mm2(self, energies_mev: np.ndarray) -> np.ndarray:
+        """The model's beamlets' lateral variance above their Monte Carlo twins' (:meth:`DoseEngine.lateral_excess_mm2`),
+        from the table in its record (``extra["plan_lateral_mm2"]``, measured by ``scripts/fit_lateral.py`` on
+        validation plan blocks), linear in energy between the table's bins and constant beyond them; zero
+        without a table."""
+        e = np.atleast_1d(np.asarray(energies_mev, dtype=np.float64))
+        if self.lateral_table is None:
+            return np.zeros((len(e), 2))
+        t = self.lateral_table
+        return np.stack([np.interp(e, t["energy_mev"], t["rows_mm2"]), np.interp(e, t["energy_mev"], t["cols_mm2"])], axis=1)
+
     def _check_voxel(self, voxel_mm: Sequence[float]) -> None:
         expected = tuple(float(v) for v in self.model.config.voxel_mm)
         if tuple(float(v) for v in voxel_mm) != expected:
             raise InputError(f"voxel size {tuple(voxel_mm)} mm differs from the model's {expected} mm")
+
+
+def _lateral_table(model: object) -> dict[str, np.ndarray] | None:
+    """The lateral calibration in the record of the checkpoint ``model`` names (the shipped model's file for
+    the default), checked; None for a loaded model, a preset or a record without one."""
+    from pathlib import Path
+
+    from dota.checkpoint import DEFAULT_MODEL, default_model_path, read_checkpoint_metadata
+
+    path = default_model_path() if model is None or model == DEFAULT_MODEL else model
+    if not isinstance(path, (str, Path)) or not Path(path).is_file():
+        return None
+    extra = read_checkpoint_metadata(path).get("extra") or {}
+    if isinstance(extra, str):
+        import json
+
+        extra = json.loads(extra)
+    table = extra.get("plan_lateral_mm2") if isinstance(extra, dict) else None
+    if table is None:
+        return None
+    from dota.plan.lateral import check_lateral_table
+
+    return check_lateral_table(table, str(path))
 
 
 def _trained_on_mcsquare(model: object) -> bool:

@@ -100,8 +100,9 @@ def add_commands(sub: argparse._SubParsersAction, add_common: Callable[..., None
                    help="send every spot along the beam axis instead of along its ray from the beam model's "
                    "virtual source (for comparison; docs/plans.md)")
     p.add_argument("--no-block-corrections", action="store_true",
-                   help="leave out the halo outside each block and the entrance-spot correction that engines "
-                   "with MCsquare blocks (the default model, mcsquare) get (for comparison; docs/plans.md)")
+                   help="leave out the halo outside each block and the entrance-spot correction (with the "
+                   "resampling blur and the model's measured excess width) that engines with MCsquare blocks (the "
+                   "default model, mcsquare) get (for comparison; docs/plans.md)")
     p.add_argument("--workers", type=positive_int,
                    help="worker processes for the engine calls, one torch thread each, beside the deposition (dota "
                         "and analytic engines on the CPU; default one per core, at most 8; 1: in this process); the "
