@@ -193,7 +193,8 @@ def card(record: dict[str, Any]) -> str:
         "- A few thousand training beamlets with low primaries (unbiased noise averages out under the MSE loss), "
         "not the paper's 80,000; sites with few patients (thorax, upper abdomen) are learned from phantoms and "
         "other sites only.",
-        "- Beamlets, not plans: plan dose sums beamlets (`dota dose`), and plan-level accuracy is reported there.",
+        "- Beamlets, not plans: plan dose sums beamlets (`dota dose`), and plan-level accuracy is reported there."
+        + lateral_card_text(record.get("plan_lateral")),
         "- The exact engine's truncation and caching do not change its output beyond 1e-5 of the maximum on the "
         "slices it computes (tested); " + ("it computes each beamlet to its range support only." if cfg.get("support_fraction")
                                           else "where its tail check cannot trust the cut it recomputes in full."),
@@ -247,6 +248,17 @@ def _fine_tuning(run: Path) -> dict:
             "epochs_done": summary.get("epochs_done"), "best_epoch": best["epoch"],
             "best_val_loss": best["val_loss"], "best_val_mse": best.get("val_mse", best["val_loss"]),
             "hours": sum(r.get("seconds", 0.0) for r in history) / 3600, "history": history}
+
+
+def lateral_card_text(table: dict | None) -> str:
+    """The card's words on the model's lateral calibration (``plan_lateral_mm2``, ``scripts/fit_lateral.py``)."""
+    if not table:
+        return ""
+    pairs = ", ".join(f"{e:.0f} MeV {r:+.2f} / {c:+.2f}" for e, r, c in
+                      zip(table["energy_mev"], table["rows_mm2"], table["cols_mm2"]))
+    return (" Plans sharpen its beamlets by its measured excess width over MCsquare's (variance, rows / cols, "
+            f"mm^2: {pairs}; fitted on {table.get('blocks', '?')} validation plan blocks, {table.get('data', '?')}; "
+            "`dota.plan.lateral`), constant beyond those energies.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,8 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.golden_from is not None:
         record["golden"] = write_golden(args.golden_from, args.out / "default_golden.h5", args.checkpoint,
                                         args.golden_per_site)
-    meta["extra"] = json.dumps({"model_card": "default.md", "preset": preset,
-                                "test_gamma_1pct_3mm": record["test"]["dota"]["gamma"][CRIT]["mean"]})
+    shipped_extra = {"model_card": "default.md", "preset": preset,
+                     "test_gamma_1pct_3mm": record["test"]["dota"]["gamma"][CRIT]["mean"]}
+    lateral = record["training"]["checkpoint_extra"].get("plan_lateral_mm2")  # scripts/fit_lateral.py
+    if lateral is not None:
+        shipped_extra["plan_lateral_mm2"] = record["plan_lateral"] = lateral
+    meta["extra"] = json.dumps(shipped_extra)
     save_file(state, str(args.out / "default.safetensors"), metadata=meta)
     (args.out / "default.json").write_text(json.dumps(record, indent=1))
     (args.out / "default.md").write_text(card(record))

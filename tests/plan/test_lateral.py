@@ -111,17 +111,25 @@ def test_the_splat_blur_is_compensated(residual):
     """A dose block splatted bilinearly to a fractional position f gains f (1 - f) h^2 of variance (plans had
     left it in: up to 1 mm^2 on the 2 mm grid); sharpened by splat_blur_mm2 first, it keeps its width."""
     from dota.plan.bev import splat_window
-    from dota.plan.dose import _sharpen_slices, splat_blur_mm2
+    from dota.plan.dose import _corrected_spot, _entrance_spot_correction, splat_blur_mm2
 
     block = gaussian_block(10.0, 12.0, 4)
     blur = splat_blur_mm2(residual, None, len(block), VOXEL)
     f = np.abs(np.asarray(residual))
     np.testing.assert_allclose(blur, np.repeat((f * (1 - f) * 4.0)[None], 4, axis=0))
     plain, _, _ = splat_window(block, residual)
-    fixed, _, _ = splat_window(_sharpen_slices(block, blur, VOXEL), residual)
+    fixed, _, _ = splat_window(sharpened(block, *blur[0]), residual)
     for axis in (0, 1):
         assert variance(plain, axis) - variance(block, axis) == pytest.approx(blur[0, axis], abs=1e-6)
         assert variance(fixed, axis) == pytest.approx(variance(block, axis), abs=2e-3)
     assert fixed.sum() == pytest.approx(block.sum(), rel=1e-9)
+    # the plan folds it into the entrance correction, per slice (spot sums and the matrix's single blocks alike)
+    energies, weights = np.array([120.0, 150.0]), np.array([1.0, 0.5])
+    parts = np.stack([block, 0.7 * block])
+    both = _corrected_spot(parts, weights, energies, 100.0, VOXEL, None, blur)
+    alone = _corrected_spot(parts, weights, energies, 100.0, VOXEL)
+    np.testing.assert_allclose(both, alone - (block + 0.35 * block - sharpened(block + 0.35 * block, *blur[0])), atol=1e-12)
+    each = np.tensordot(weights, _entrance_spot_correction(parts, energies, 100.0, VOXEL, None, blur), axes=(0, 0))
+    np.testing.assert_allclose(both, each, rtol=1e-12, atol=1e-12)
     sheared = splat_blur_mm2((0.2, 0.0), np.array([[0.3, 0.0], [0.8, 1.5]]), 2, VOXEL)
     np.testing.assert_allclose(sheared, [[0.25 * 4, 0.0], [0.0, 0.25 * 4]])

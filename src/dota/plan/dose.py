@@ -413,12 +413,12 @@ class _BeamWork:
                 splat = None if upstream is None else splat_blur_mm2(windows[gi].residual, shifts[gi], part.shape[1],
                                                                      voxel_mm)
                 if upstream is not None and builder is None:  # one correction of the weighted sums
-                    spot = _sharpen_slices(_corrected_spot(part, scale[start:start + n], energies[groups[gi]], upstream,
-                                                           voxel_mm, self.excess[groups[gi]]), splat, voxel_mm)
+                    spot = _corrected_spot(part, scale[start:start + n], energies[groups[gi]], upstream, voxel_mm,
+                                           self.excess[groups[gi]], splat)
                 else:
                     if upstream is not None:  # the matrix needs each spot-energy's corrected block
-                        part = _sharpen_slices(_entrance_spot_correction(part, energies[groups[gi]], upstream, voxel_mm,
-                                                                         self.excess[groups[gi]]), splat, voxel_mm)
+                        part = _entrance_spot_correction(part, energies[groups[gi]], upstream, voxel_mm,
+                                                         self.excess[groups[gi]], splat)
                     spot = np.tensordot(scale[start:start + n], part, axes=(0, 0))
                 parts[gi] = part
                 bev.deposit_window(dose_grid, windows[gi], spot, shifts[gi])
@@ -531,16 +531,19 @@ def _second_difference(a: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _entrance_spot_correction(part: np.ndarray, energies: np.ndarray, upstream_mm: float,
-                              voxel_mm: tuple[float, float, float], excess: np.ndarray | None = None) -> np.ndarray:
+                              voxel_mm: tuple[float, float, float], excess: np.ndarray | None = None,
+                              slice_mm2: np.ndarray | None = None) -> np.ndarray:
     """Beamlet blocks (n, L, H, W) of one spot corrected to first order for the narrower spot at their real
     entrance (module docstring); not clipped (the sharpening dips below zero far out in the tails: the plan's
     total is clipped, and the dose-influence matrix keeps those small negative entries, so both agree)."""
     deltas = _entrance_deltas(energies, upstream_mm, voxel_mm, excess)
     dy, dx = voxel_mm[1], voxel_mm[2]
     part = np.asarray(part, dtype=np.float64)
-    out = part - 0.5 * (deltas[:, 0, None, None, None] * _second_difference(part, 2) / dy**2
-                        + deltas[:, 1, None, None, None] * _second_difference(part, 3) / dx**2)
-    return out
+    rows, cols = deltas[:, 0, None, None, None], deltas[:, 1, None, None, None]
+    if slice_mm2 is not None:  # plus a per-slice sharpening (the splat's, :func:`splat_blur_mm2`)
+        rows = rows + slice_mm2[None, : part.shape[1], 0, None, None]
+        cols = cols + slice_mm2[None, : part.shape[1], 1, None, None]
+    return part - 0.5 * (rows * _second_difference(part, 2) / dy**2 + cols * _second_difference(part, 3) / dx**2)
 
 
 def _entrance_deltas(energies: np.ndarray, upstream_mm: float, voxel_mm: tuple[float, float, float],
@@ -575,21 +578,20 @@ def splat_blur_mm2(residual: tuple[float, float], shifts: np.ndarray | None, len
     return frac * (1.0 - frac) * np.array([voxel_mm[1] ** 2, voxel_mm[2] ** 2])
 
 
-def _sharpen_slices(spot: np.ndarray, blur_mm2: np.ndarray, voxel_mm: tuple[float, float, float]) -> np.ndarray:
-    """``spot`` (..., L, H, W) sharpened to first order by ``blur_mm2`` (L, 2) per slice and axis (rows, cols)."""
-    return spot - 0.5 * (blur_mm2[:, 0, None, None] * _second_difference(spot, spot.ndim - 2) / voxel_mm[1] ** 2
-                         + blur_mm2[:, 1, None, None] * _second_difference(spot, spot.ndim - 1) / voxel_mm[2] ** 2)
-
-
 def _corrected_spot(part: np.ndarray, weights: np.ndarray, energies: np.ndarray, upstream_mm: float,
-                    voxel_mm: tuple[float, float, float], excess: np.ndarray | None = None) -> np.ndarray:
+                    voxel_mm: tuple[float, float, float], excess: np.ndarray | None = None,
+                    slice_mm2: np.ndarray | None = None) -> np.ndarray:
     """``sum_m weights[m] * corrected(part[m])`` (:func:`_entrance_spot_correction`) for one spot's blocks
     (n, L, H, W), as one correction of weighted sums: the correction is linear with one scalar per block and
     axis, so three sums over the energy layers and two second differences of one block replace n of each
-    (the same dose to float64 rounding; 1.3 of the 4.7 s the head-and-neck plan spent depositing)."""
+    (the same dose to float64 rounding; 1.3 of the 4.7 s the head-and-neck plan spent depositing). ``slice_mm2``
+    (L, 2) adds a sharpening per slice common to all of them (the splat's) to the same two differences."""
     deltas = _entrance_deltas(energies, upstream_mm, voxel_mm, excess)
     w = np.stack([weights, weights * deltas[:, 0], weights * deltas[:, 1]])  # (3, n)
     total, by_rows, by_cols = np.tensordot(w, np.asarray(part, dtype=np.float64), axes=(1, 0))
+    if slice_mm2 is not None:  # a per-slice sharpening of the sum (the splat's): the same two differences
+        by_rows += slice_mm2[: len(total), 0, None, None] * total
+        by_cols += slice_mm2[: len(total), 1, None, None] * total
     return total - 0.5 * (_second_difference(by_rows, 1) / voxel_mm[1] ** 2
                           + _second_difference(by_cols, 2) / voxel_mm[2] ** 2)
 
