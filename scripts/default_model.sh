@@ -34,6 +34,15 @@ fi
 .venv/bin/python scripts/set_support.py "$RUNS/default/best.safetensors" "$RUNS/default/best-support.safetensors" \
   --fraction 1e-3 --margin-mm 10
 
+# 2c. Lateral calibration: the model's width excess over MCsquare on plan blocks of the validation patient
+#     (dota.plan.lateral; plans sharpen its spots by it). Its beamlets are unchanged, so evaluation uses 2b's file.
+[ -f "$DATA/hn_planblocks_val_geom.h5" ] || .venv/bin/python scripts/plan_blocks.py "$DATA/hn_planblocks_val_geom.h5" \
+  --split val --per-patient 300 --seed 9010
+$D generate --engine mcsquare --geometry "$DATA/hn_planblocks_val_geom.h5" --primaries 100000 --workers $WORKERS \
+  --resume --seed 1010 --out "$DATA/hn_planblocks_val_1e5.h5"
+.venv/bin/python scripts/fit_lateral.py "$RUNS/default/best-support.safetensors" "$DATA/hn_planblocks_val_1e5.h5" \
+  --out "$RUNS/default/best-lateral.safetensors" --json "$RUNS/default/lateral.json"
+
 # 3. Evaluation on held-out patients (paper protocol, gamma 1%/3mm), DoTA and the analytic engine
 for split in val test; do
   $D evaluate "$DATA/mc_${split}_1e6.h5" --engine dota --model "$RUNS/default/best-support.safetensors" \
@@ -45,7 +54,7 @@ done
 # 4. Ship: bf16 error, then weights, record, golden set and model card into src/dota/resources/models/
 .venv/bin/python scripts/measure_bf16.py --model "$RUNS/default/best-support.safetensors" --data "$DATA/mc_test_1e6.h5" \
   --n 20 --out "$RUNS/bf16.json"
-.venv/bin/python scripts/ship_model.py --checkpoint "$RUNS/default/best-support.safetensors" --train "$RUNS/default" \
+.venv/bin/python scripts/ship_model.py --checkpoint "$RUNS/default/best-lateral.safetensors" --train "$RUNS/default" \
   --eval-dota "$RUNS/eval-test-dota" --eval-analytic "$RUNS/eval-test-analytic" \
   --val-dota "$RUNS/eval-val-dota" --val-analytic "$RUNS/eval-val-analytic" \
   --manifest "$DATA/mc_train_2e4.manifest.json" --manifest "$DATA/mc_val_1e6.manifest.json" \
