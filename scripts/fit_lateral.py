@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the fit, per bin, as JSON here")
     args = p.parse_args(argv)
 
-    from dota.checkpoint import default_model_path, read_checkpoint_metadata, save_model
+    from dota.checkpoint import default_model_path, save_model
     from dota.data.hdf5 import read_dataset
     from dota.engines.learned import LearnedEngine
     from dota.plan.lateral import fit_lateral_excess, lateral_table
@@ -53,10 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"checkpoint": str(path), "bins": rows, "table": table}, indent=1) + "\n")
     if args.out:
-        extra = read_checkpoint_metadata(path).get("extra") or {}
-        if isinstance(extra, str):
-            extra = json.loads(extra)
-        extra = {**extra, "plan_lateral_mm2": table}
+        extra = {**engine.model.checkpoint_info["extra"], "plan_lateral_mm2": table}
         if engine.mcsquare_blocks and "data_engines" not in extra:  # the shipped model says so in its card
             extra["data_engines"] = ["mcsquare"]
         save_model(engine.model, args.out, extra=extra)

@@ -137,8 +137,9 @@ class BeamletDataset(Dataset):
         if self._base is not None:
             base = torch.from_numpy(self._base[i]) / float(norm.dose_max)
             d = d - base
-        if self.augment:
+        if self.augment or self.flips:
             rng = np.random.default_rng([self.seed, self.epoch, int(self.indices[i])])
+        if self.augment:
             k = int(rng.integers(4))
             g, d = torch.rot90(g, k, dims=(1, 2)), torch.rot90(d, k, dims=(1, 2))
             base = None if base is None else torch.rot90(base, k, dims=(1, 2))
@@ -146,7 +147,6 @@ class BeamletDataset(Dataset):
                 g, d = torch.flip(g, dims=(2,)), torch.flip(d, dims=(2,))
                 base = None if base is None else torch.flip(base, dims=(2,))
         elif self.flips:  # flips of rows and of columns only: they keep each axis's spot width
-            rng = np.random.default_rng([self.seed, self.epoch, int(self.indices[i])])
             flip_rows, flip_cols = rng.integers(2, size=2)
             dims = tuple(dim for dim, f in ((1, flip_rows), (2, flip_cols)) if f)
             if dims:

@@ -51,7 +51,7 @@ class LearnedEngine(DoseEngine):
         self.source = str(model)
         self.mcsquare_blocks = _trained_on_mcsquare(model) if mcsquare_blocks is None else bool(mcsquare_blocks)
         self.concurrent = self.model.device.type == "cpu"  # on a GPU one stream of calls keeps it busy
-        self.lateral_table = _lateral_table(model)
+        self.lateral_table = _lateral_table(self.model, self.source)
 
     def dose(self, geometry_hu: np.ndarray, energies_mev: np.ndarray, voxel_mm=VOXEL_MM, *,
              seeds: Sequence[int] | None = None) -> np.ndarray:
@@ -84,27 +84,16 @@ class LearnedEngine(DoseEngine):
             raise InputError(f"voxel size {tuple(voxel_mm)} mm differs from the model's {expected} mm")
 
 
-def _lateral_table(model: object) -> dict[str, np.ndarray] | None:
-    """The lateral calibration in the record of the checkpoint ``model`` names (the shipped model's file for
-    the default), checked; None for a loaded model, a preset or a record without one."""
-    from pathlib import Path
-
-    from dota.checkpoint import DEFAULT_MODEL, default_model_path, read_checkpoint_metadata
-
-    path = default_model_path() if model is None or model == DEFAULT_MODEL else model
-    if not isinstance(path, (str, Path)) or not Path(path).is_file():
-        return None
-    extra = read_checkpoint_metadata(path).get("extra") or {}
-    if isinstance(extra, str):
-        import json
-
-        extra = json.loads(extra)
-    table = extra.get("plan_lateral_mm2") if isinstance(extra, dict) else None
+def _lateral_table(model: object, source: str) -> dict[str, np.ndarray] | None:
+    """The lateral calibration in the record a loaded checkpoint carries (``checkpoint_info``, read by
+    :func:`dota.checkpoint.load_model`), checked; None for a preset's fresh weights or a record without one."""
+    extra = (getattr(model, "checkpoint_info", None) or {}).get("extra") or {}
+    table = extra.get("plan_lateral_mm2")
     if table is None:
         return None
     from dota.plan.lateral import check_lateral_table
 
-    return check_lateral_table(table, str(path))
+    return check_lateral_table(table, source)
 
 
 def _trained_on_mcsquare(model: object) -> bool:
