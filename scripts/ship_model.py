@@ -129,14 +129,7 @@ def card(record: dict[str, Any]) -> str:
         "",
     ]
     for ft in record.get("fine_tuning") or []:
-        lines += [
-            f"Then fine-tuned from the previous stage's checkpoint: `{ft['command']}`: {ft['epochs_done']} epochs (best: {ft['best_epoch']}), "
-            f"loss = voxel MSE + {ft['integral_weight']:g} x the lateral-integral term (`dota.train.training_loss`: "
-            "errors shared by the voxels of 3 x 3 cells and of whole slices, which voxel MSE lets stand in the "
-            f"low-dose tails), best validation objective {ft['best_val_loss']:.3e} (voxel MSE "
-            f"{ft['best_val_mse']:.3e}), {ft['hours']:.2f} h. History: `default.json` (`fine_tuning`).",
-            "",
-        ]
+        lines += [fine_tuning_card_text(ft), ""]
     lines += [
         "## Accuracy against Monte Carlo (held-out patients)",
         "",
@@ -237,17 +230,57 @@ def write_golden(source: Path, out: Path, checkpoint: Path, per_site: int) -> di
 
 
 def _fine_tuning(run: Path) -> dict:
-    """What the card says of a fine-tuning run (``dota train --init``): its command, loss and best epoch."""
-    summary = _load(run, "summary.json")
+    """What the card says of a fine-tuning run (``dota train --init``): its command (or, for a run folder kept
+    without ``summary.json``, its settings from ``train_config.json``), data, augmentation, loss and best epoch."""
+    config = _load(run, "train_config.json") if (run / "train_config.json").is_file() else {}
+    if (run / "summary.json").is_file():
+        summary = _load(run, "summary.json")
+        config = summary.get("config") or config
+    elif (run / "history.json").is_file():
+        summary = {"history": _load(run, "history.json"), "command": None, "data": None}
+    else:
+        raise SystemExit(f"{run}: a fine-tuning run needs summary.json or history.json")
     history = summary.get("history", [])
     if not history:
         raise SystemExit(f"{run}: the fine-tuning run has no finished epoch")
+    if not config.get("init"):
+        raise SystemExit(f"{run}: not a fine-tuning run (its settings name no --init checkpoint)")
     best = min(history, key=lambda r: r["val_loss"])
-    return {"command": summary.get("command"), "init": summary["config"].get("init"),
-            "integral_weight": summary["config"].get("integral_weight", 0.0),
-            "epochs_done": summary.get("epochs_done"), "best_epoch": best["epoch"],
+    return {"run": run.name, "command": summary.get("command"), "init": config.get("init"),
+            "data": summary.get("data"), "val_data": summary.get("val_data"),
+            "optimizer": config.get("optimizer"), "lr": config.get("lr"),
+            "lr_halving_epochs": config.get("lr_halving_epochs"), "ema": config.get("ema", 0.0),
+            "augment": config.get("augment", True), "flips": config.get("flips", False),
+            "integral_weight": config.get("integral_weight", 0.0), "ring_weight": config.get("ring_weight", 0.0),
+            "epochs_done": summary.get("epochs_done", len(history)), "best_epoch": best["epoch"],
             "best_val_loss": best["val_loss"], "best_val_mse": best.get("val_mse", best["val_loss"]),
             "hours": sum(r.get("seconds", 0.0) for r in history) / 3600, "history": history}
+
+
+def fine_tuning_card_text(ft: dict) -> str:
+    """The card's sentence on one fine-tuning stage (:func:`_fine_tuning`)."""
+    if ft.get("command"):
+        how = f"`{ft['command']}`"
+    else:  # a kept run folder without its summary: its recorded settings
+        how = (f"run `{ft.get('run')}` (`dota train --init {ft['init']} --optimizer {ft.get('optimizer')} --lr "
+               f"{ft.get('lr'):g} --lr-halving-epochs {ft.get('lr_halving_epochs')}"
+               + (f" --ema {ft['ema']:g}" if ft.get("ema") else "") + "`, from its recorded settings)")
+    aug = ("row and column flips, no 90-degree rotations" if not ft.get("augment") and ft.get("flips")
+           else "no augmentation" if not ft.get("augment")
+           else "90-degree rotations and flips" if ft.get("flips") else "90-degree rotations")
+    loss = "voxel MSE"
+    if ft.get("integral_weight"):
+        loss += (f" + {ft['integral_weight']:g} x the lateral-integral term (`dota.train.training_loss`: errors shared "
+                 "by the voxels of 3 x 3 cells and of whole slices)")
+    if ft.get("ring_weight"):
+        loss += f" + {ft['ring_weight']:g} x the ring-profile term"
+    text = (f"Then fine-tuned from the previous stage's checkpoint: {how}: {ft['epochs_done']} epochs (best: "
+            f"{ft['best_epoch']}), augmentation: {aug}, loss {loss}"
+            + (f", weights averaged (EMA {ft['ema']:g})" if ft.get("ema") else "")
+            + f"; best validation objective {ft['best_val_loss']:.3e}")
+    if ft.get("best_val_mse") != ft.get("best_val_loss"):
+        text += f" (voxel MSE {ft['best_val_mse']:.3e})"
+    return text + f", {ft['hours']:.2f} h. History: `default.json` (`fine_tuning`)."
 
 
 def lateral_card_text(table: dict | None) -> str:
