@@ -107,7 +107,7 @@ def test_the_entrance_correction_also_removes_the_engines_excess():
 
 
 @pytest.mark.parametrize("residual", [(0.5, 0.3), (-0.25, 0.0), (0.0, -0.4)])
-def test_the_splat_blur_is_compensated(residual):
+def test_the_splat_blur_is_compensated(residual, monkeypatch):
     """A dose block splatted bilinearly to a fractional position f gains f (1 - f) h^2 of variance (plans had
     left it in: up to 1 mm^2 on the 2 mm grid); sharpened by splat_blur_mm2 first, it keeps its width."""
     from dota.plan.bev import splat_window
@@ -128,8 +128,13 @@ def test_the_splat_blur_is_compensated(residual):
     parts = np.stack([block, 0.7 * block])
     both = _corrected_spot(parts, weights, energies, 100.0, VOXEL, None, blur)
     alone = _corrected_spot(parts, weights, energies, 100.0, VOXEL)
-    np.testing.assert_allclose(both, alone - (block + 0.35 * block - sharpened(block + 0.35 * block, *blur[0])), atol=1e-12)
+    for axis in (0, 1):  # the splat's blur taken off on top (a Gaussian deconvolution: variances subtract) ...
+        assert variance(alone, axis) - variance(both, axis) == pytest.approx(blur[0, axis], rel=0.02, abs=1e-3)
     each = np.tensordot(weights, _entrance_spot_correction(parts, energies, 100.0, VOXEL, None, blur), axes=(0, 0))
     np.testing.assert_allclose(both, each, rtol=1e-12, atol=1e-12)
     sheared = splat_blur_mm2((0.2, 0.0), np.array([[0.3, 0.0], [0.8, 1.5]]), 2, VOXEL)
     np.testing.assert_allclose(sheared, [[0.25 * 4, 0.0], [0.0, 0.25 * 4]])
+    monkeypatch.setattr("dota.plan.dose.SHARPEN_MAX_GAIN", 1e12)  # ... exactly without the gain's cap
+    exact = [_corrected_spot(parts, weights, energies, 100.0, VOXEL, None, b) for b in (blur, None)]
+    for axis in (0, 1):
+        assert variance(exact[1], axis) - variance(exact[0], axis) == pytest.approx(blur[0, axis], rel=5e-3, abs=1e-8)

@@ -9,7 +9,8 @@ of ``D - delta_r/2 d2D/drow2 - delta_c/2 d2D/dcol2`` (the model's beamlet ``D``,
 to the Monte Carlo beamlet ``M`` over all voxels of the bin's blocks: a 2 x 2 linear system, unbiased by Monte
 Carlo noise (independent of ``D``). The table goes into the checkpoint's record (``extra["plan_lateral_mm2"]``,
 ``scripts/fit_lateral.py``); :meth:`dota.engines.learned.LearnedEngine.lateral_excess_mm2` reads it and
-:mod:`dota.plan.dose` sharpens each spot by it with the entrance-spot correction (the same first-order step).
+:mod:`dota.plan.dose` sharpens each spot by it with the entrance-spot correction (there exactly, by Fourier
+deconvolution; the fit's first-order model agrees with it to first order in ``delta``).
 """
 
 from __future__ import annotations
