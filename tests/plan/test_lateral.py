@@ -103,7 +103,7 @@ def test_the_entrance_correction_also_removes_the_engines_excess():
     assert variance(block[0], 0) - variance(out, 0) == pytest.approx(d_rows, rel=2e-3)
     assert variance(block[0], 1) - variance(out, 1) == pytest.approx(d_cols, rel=2e-3)
     summed = _corrected_spot(block, np.array([2.0]), np.array([150.0]), 100.0, VOXEL, excess)
-    np.testing.assert_allclose(summed, 2.0 * out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(summed, 2.0 * out, rtol=0, atol=1e-6 * np.abs(out).max())  # float32 FFTs
 
 
 @pytest.mark.parametrize("residual", [(0.5, 0.3), (-0.25, 0.0), (0.0, -0.4)])
@@ -131,10 +131,10 @@ def test_the_splat_blur_is_compensated(residual, monkeypatch):
     for axis in (0, 1):  # the splat's blur taken off on top (a Gaussian deconvolution: variances subtract) ...
         assert variance(alone, axis) - variance(both, axis) == pytest.approx(blur[0, axis], rel=0.02, abs=1e-3)
     each = np.tensordot(weights, _entrance_spot_correction(parts, energies, 100.0, VOXEL, None, blur), axes=(0, 0))
-    np.testing.assert_allclose(both, each, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(both, each, rtol=0, atol=1e-6 * np.abs(each).max())  # float32 FFTs
     sheared = splat_blur_mm2((0.2, 0.0), np.array([[0.3, 0.0], [0.8, 1.5]]), 2, VOXEL)
     np.testing.assert_allclose(sheared, [[0.25 * 4, 0.0], [0.0, 0.25 * 4]])
     monkeypatch.setattr("dota.plan.dose.SHARPEN_MAX_GAIN", 1e12)  # ... exactly without the gain's cap
     exact = [_corrected_spot(parts, weights, energies, 100.0, VOXEL, None, b) for b in (blur, None)]
     for axis in (0, 1):
-        assert variance(exact[1], axis) - variance(exact[0], axis) == pytest.approx(blur[0, axis], rel=5e-3, abs=1e-8)
+        assert variance(exact[1], axis) - variance(exact[0], axis) == pytest.approx(blur[0, axis], rel=5e-3, abs=1e-4)

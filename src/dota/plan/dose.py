@@ -646,20 +646,21 @@ def _sharpen_sums(sums: np.ndarray, mean: np.ndarray, slice_mm2: np.ndarray | No
     # the layers' deviations to first order (second differences, as a first-order sharpening), then one FFT
     first = sums[0] - 0.5 * (_second_difference(sums[1], 1) / voxel_mm[1] ** 2
                              + _second_difference(sums[2], 2) / voxel_mm[2] ** 2)
-    spec = fft.rfft2(first, s=(size_r, size_c), axes=(1, 2))  # (L, size_r, size_c // 2 + 1)
+    # FFTs in float32 (2-6x faster here; rounding 1e-7 of the maximum, below the dose's own float32)
+    spec = fft.rfft2(first.astype(np.float32), s=(size_r, size_c), axes=(1, 2))  # (L, size_r, size_c // 2 + 1)
     # the gain is separable (rows x cols) below the cap
     gain = np.exp(0.5 * rows[:, None, None] * kr2[None, :, None]) * np.exp(0.5 * cols[:, None, None] * kc2[None, None, :])
     np.minimum(gain, SHARPEN_MAX_GAIN, out=gain)
-    out = fft.irfft2(gain * spec, s=(size_r, size_c), axes=(1, 2))[:, :n_h, :n_w]
+    out = fft.irfft2(gain.astype(np.float32) * spec, s=(size_r, size_c), axes=(1, 2))[:, :n_h, :n_w]
     depth = depth_blur_mm2(voxel_mm)
     if depth > 0 and n_l > 1:  # the first slice continued in front (no step at the block's start), zeros behind
         pad = _SHARPEN_DEPTH_PAD
         n_z = fft.next_fast_len(n_l + 2 * pad, real=True)
         kz2 = (2.0 * np.pi * np.fft.rfftfreq(n_z, d=voxel_mm[0])) ** 2
-        gz = np.minimum(np.exp(0.5 * depth * kz2), SHARPEN_MAX_GAIN)
+        gz = np.minimum(np.exp(0.5 * depth * kz2), SHARPEN_MAX_GAIN).astype(np.float32)
         ext = np.concatenate([np.repeat(out[:1], pad, axis=0), out])
         out = fft.irfft(fft.rfft(ext, n=n_z, axis=0) * gz[:, None, None], n=n_z, axis=0)[pad:pad + n_l]
-    return out
+    return out.astype(np.float64)
 
 
 #: Most worker processes a plan starts by default (:func:`plan_workers`).
