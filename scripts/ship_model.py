@@ -236,8 +236,14 @@ def _fine_tuning(run: Path) -> dict:
     if (run / "summary.json").is_file():
         summary = _load(run, "summary.json")
         config = summary.get("config") or config
-    elif (run / "history.json").is_file():
+    elif (run / "history.json").is_file():  # a run stopped before its end: its state names its data
         summary = {"history": _load(run, "history.json"), "command": None, "data": None}
+        if (run / "state.pt").is_file():
+            import torch
+
+            state = torch.load(run / "state.pt", map_location="cpu", weights_only=True)
+            config = state.get("train_config") or config
+            summary.update(data=state.get("data"), val_data=state.get("val_data"))
     else:
         raise SystemExit(f"{run}: a fine-tuning run needs summary.json or history.json")
     history = summary.get("history", [])
@@ -265,6 +271,9 @@ def fine_tuning_card_text(ft: dict) -> str:
         how = (f"run `{ft.get('run')}` (`dota train --init {ft['init']} --optimizer {ft.get('optimizer')} --lr "
                f"{ft.get('lr'):g} --lr-halving-epochs {ft.get('lr_halving_epochs')}"
                + (f" --ema {ft['ema']:g}" if ft.get("ema") else "") + "`, from its recorded settings)")
+    if ft.get("data") and not ft.get("command"):  # the command names them itself
+        how += " on " + ", ".join(f"`{Path(d).name}`" for d in ft["data"]) + (
+            f" (validation `{Path(ft['val_data']).name}`)" if ft.get("val_data") else "")
     aug = ("row and column flips, no 90-degree rotations" if not ft.get("augment") and ft.get("flips")
            else "no augmentation" if not ft.get("augment")
            else "90-degree rotations and flips" if ft.get("flips") else "90-degree rotations")

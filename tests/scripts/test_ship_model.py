@@ -47,6 +47,14 @@ def test_fine_tuning_from_kept_history(ship, tmp_path):
     text = ship.fine_tuning_card_text(ft)
     assert "--init checkpoints/a/best.safetensors --optimizer adamw --lr 0.0005" in text and "recorded settings" in text
     assert "augmentation: 90-degree rotations," in text and "0.5 x the lateral-integral term" in text
+    import torch  # a run stopped before its end: its resumable state names its data and settings
+
+    torch.save({"train_config": {**CONFIG, "lr": 2.5e-4}, "data": ["data/mc/a.h5", "data/mc/b.h5"],
+                "val_data": "data/mc/v.h5", "model": {}}, tmp_path / "state.pt")
+    ft = ship._fine_tuning(tmp_path)
+    text = ship.fine_tuning_card_text(ft)
+    assert "--lr 0.00025" in text and "on `a.h5`, `b.h5` (validation `v.h5`)" in text
+    assert "row and column flips, no 90-degree rotations" in text
 
 
 def test_fine_tuning_refuses_what_is_not_one(ship, tmp_path):
