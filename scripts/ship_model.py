@@ -122,7 +122,8 @@ def card(record: dict[str, Any]) -> str:
         "",
         f"`{tr.get('command')}`: {tr['epochs_done']} epochs"
         + (f" of the {tr['planned_epochs']} planned (stopped at the session's deadline; the best "
-           f"validation epoch was {tr['best_epoch']})" if tr.get("planned_epochs") else "")
+           f"validation epoch was {tr['best_epoch']})"
+           if tr.get("planned_epochs") and tr["epochs_done"] < tr["planned_epochs"] else "")
         + f", {tr['train_beamlets']} training beamlets, best validation MSE {tr['best_val_loss']:.3e} "
         f"(scaled dose), {tr['hours']:.2f} h on {tr.get('machine', 'this machine')}. History: "
         "`default.json` (`training.history`).",
@@ -167,7 +168,7 @@ def card(record: dict[str, Any]) -> str:
         lines.append(f"| {band} | {m['beamlets']} | {_g(m)} | {_g(a) if a else ''} | {_rel(m)} | {_rel(a) if a else ''} |")
     val = record.get("validation")
     if val and val.get("dota"):
-        lines += ["", f"Validation set ({val['dota']['beamlets']} beamlets, patients "
+        lines += ["", f"Validation set (`{val['dota']['reference']}`, {val['dota']['beamlets']} beamlets, patients "
                   f"{', '.join(val['dota']['patients'])}): dota {_g(val['dota'])}, analytic "
                   f"{_g(val['analytic']) if val.get('analytic') else 'n/a'}."]
     if record.get("bf16"):
