@@ -34,8 +34,8 @@ excess width over the Monte Carlo blocks it stands for where it has been measure
 only the tent was compensated, across, by the first-order step ``D - delta_rows/2 d2D/drow2 - delta_cols/2
 d2D/dcol2`` (central second differences); session 11 added the box, the splat and the excess (0.1-0.2 points of
 gamma on the head-and-neck plan, more with the excess); session 12 made the step exact and added the depth blur
-(at a plan's 6 mm spot spacing the first-order step restores a 3 mm^2 blur by about half: head and neck 97.38 ->
-97.81 %). Measured on one 144 MeV layer of the liver plan (3 x 3 x 2.5 mm CT, parallel beams, session 4):
+(at a plan's 6 mm spot spacing a 3 mm^2 blur leaves 19 % of the amplitude, which the first-order step brought
+back to 41 %, the exact one to 100 %: head and neck 97.38 -> 97.81 %). Measured on one 144 MeV layer of the liver plan (3 x 3 x 2.5 mm CT, parallel beams, session 4):
 MCsquare beamlets summed by this pipeline without the correction had a 10 % lower maximum than MCsquare's
 own plan at the same integral dose; the default model 10 % lower without it, 3 % lower with it. Clipping each
 beamlet's correction at zero instead biases the dose upwards, most for noisy Monte Carlo beamlets (the
@@ -614,8 +614,8 @@ def _corrected_spot(part: np.ndarray, weights: np.ndarray, energies: np.ndarray,
                     slice_mm2: np.ndarray | None = None) -> np.ndarray:
     """``sum_m weights[m] * corrected(part[m])`` (:func:`_entrance_spot_correction`) for one spot's blocks
     (n, L, H, W), as one correction of three weighted sums over its energy layers (the correction is linear in
-    each block, with the layers' deviations from the spot's mean sharpening to first order), so three FFTs per spot
-    replace n. ``slice_mm2`` (L, 2) adds a sharpening per slice common to all of them (the splat's)."""
+    each block, with the layers' deviations from the spot's mean sharpening to first order), so one FFT per spot
+    replaces n. ``slice_mm2`` (L, 2) adds a sharpening per slice common to all of them (the splat's)."""
     part = np.asarray(part, dtype=np.float64)
     mean, dev = _spot_deltas(part, energies, upstream_mm, voxel_mm, excess)
     w = np.stack([weights, weights * dev[:, 0], weights * dev[:, 1]])  # (3, n)
@@ -629,8 +629,8 @@ def _sharpen_sums(sums: np.ndarray, mean: np.ndarray, slice_mm2: np.ndarray | No
     Gaussian deconvolution in Fourier space, the gain ``exp((mean_r + s_r(z)) k_r^2 / 2 + (mean_c + s_c(z)) k_c^2
     / 2)`` per slice ``z`` (``s``: ``slice_mm2``), capped at :data:`SHARPEN_MAX_GAIN`, applied to ``S - S_r'' / 2
     - S_c'' / 2`` (the deviations to first order: second differences along rows and columns); then along depth by
-    :func:`depth_blur_mm2`. The integral is
-    kept (gain 1 at zero frequency); a Gaussian's variance drops by the sharpening, per axis."""
+    :func:`depth_blur_mm2`. The integral is kept (gain 1 at zero frequency); a Gaussian's variance drops by the
+    sharpening, per axis."""
     from scipy import fft
 
     _, n_l, n_h, n_w = sums.shape
