@@ -1,5 +1,7 @@
 """The analytic engine as it was before the row-compacted profiles (commit 7aa5fd9), kept as a reference:
-the engine must give these numbers bit for bit (tests/engines/test_analytic.py).
+the engine must give these numbers bit for bit (tests/engines/test_analytic.py) once erfc is cut where the
+engine cuts it (``tail_from``: erfc arguments from there on taken as infinity, engine version 1.1), and
+without the cut (``tail_from=None``, engine 1.0) within 1e-12 of the maximum.
 
 Self-contained on purpose: the old voxel averaging of the depth dose (``WaterDepthDose.mean_between``
 and its ``_interp``), the old multiple-scattering width (``mcs_sigma_mm``) and the old erfc tables and
@@ -81,11 +83,16 @@ def mcs_sigma_mm(rsp: np.ndarray, energy_mev: float, depth_step_mm: float) -> np
     return np.sqrt(var) * np.clip(log_term, 0.5, None)
 
 
-def lateral_profiles(centre_mm: np.ndarray, sigma_mm: np.ndarray, count: int, spacing_mm: float) -> torch.Tensor:
+def _cut(x: torch.Tensor, tail_from: float | None) -> torch.Tensor:
+    return x if tail_from is None else x.masked_fill_(x >= tail_from, math.inf)
+
+
+def lateral_profiles(centre_mm: np.ndarray, sigma_mm: np.ndarray, count: int, spacing_mm: float,
+                     tail_from: float | None = None) -> torch.Tensor:
     edges = torch.from_numpy((np.arange(count + 1) - count / 2.0) * spacing_mm).float()
     scale = torch.from_numpy(1.0 / (math.sqrt(2.0) * sigma_mm)).float()[:, :, None]
     offset = edges[None, :] - torch.from_numpy(centre_mm).float()[:, None]
-    u = torch.erfc((offset[None] * scale).abs_())
+    u = torch.erfc(_cut((offset[None] * scale).abs_(), tail_from))
     lo, hi = u[..., :-1], u[..., 1:]
     right = (offset[:, :-1] >= 0).float()
     left = (offset[:, 1:] <= 0).float()
@@ -94,11 +101,11 @@ def lateral_profiles(centre_mm: np.ndarray, sigma_mm: np.ndarray, count: int, sp
     return out.mul_(0.5 / spacing_mm)
 
 
-def lattice_profiles(idx_r, idx_c, sigma_mm, rows, cols, spacing_mm):
+def lattice_profiles(idx_r, idx_c, sigma_mm, rows, cols, spacing_mm, tail_from=None):
     count = max(rows, cols)
     scale = torch.from_numpy(1.0 / (math.sqrt(2.0) * sigma_mm)).float()[:, :, None]
     half = torch.from_numpy((np.arange(count) + 0.5) * spacing_mm).float()
-    u = torch.erfc(half[None, None, :] * scale)
+    u = torch.erfc(_cut(half[None, None, :] * scale, tail_from))
     v = torch.empty(u.shape[:2] + (count + 1,), dtype=u.dtype)
     v[..., 0] = (2.0 - u[..., 0]) - u[..., 0]
     v[..., 1:count] = u[..., :-1] - u[..., 1:]
@@ -113,7 +120,7 @@ def lattice_profiles(idx_r, idx_c, sigma_mm, rows, cols, spacing_mm):
     return profile(idx_r, rows), profile(idx_c, cols)
 
 
-def beamlet(engine: AnalyticEngine, hu, energy_mev, voxel, out) -> None:
+def beamlet(engine: AnalyticEngine, hu, energy_mev, voxel, out, tail_from=None) -> None:
     dz, dy, dx = voxel
     _, rows, cols = hu.shape
     table = water_depth_dose(energy_mev)
@@ -139,19 +146,25 @@ def beamlet(engine: AnalyticEngine, hu, energy_mev, voxel, out) -> None:
     idd = weight * mean_between(table, wed_entry, wed_exit)
     mcs = mcs_sigma_mm(rsp[:depth_count], energy_mev, dz)
     if dy == dx and sub_y == sub_x:
-        profile_y, profile_x = lattice_profiles(idx_r, idx_c, np.sqrt(sub_y**2 + mcs**2), rows, cols, dy)
+        profile_y, profile_x = lattice_profiles(idx_r, idx_c, np.sqrt(sub_y**2 + mcs**2), rows, cols, dy,
+                                                tail_from)
     else:
-        profile_y = lateral_profiles(centre_y, np.sqrt(sub_y**2 + mcs**2), rows, dy)
-        profile_x = lateral_profiles(centre_x, np.sqrt(sub_x**2 + mcs**2), cols, dx)
+        profile_y = lateral_profiles(centre_y, np.sqrt(sub_y**2 + mcs**2), rows, dy, tail_from)
+        profile_x = lateral_profiles(centre_x, np.sqrt(sub_x**2 + mcs**2), cols, dx, tail_from)
     weighted = profile_y * torch.from_numpy(idd * _GY_PER_1E9).float()[:, :, None]
     out[:depth_count] = torch.bmm(weighted.transpose(1, 2), profile_x).numpy()
 
 
-def reference_dose(engine: AnalyticEngine, geometry_hu, energies_mev, voxel_mm=(2.0, 2.0, 2.0)) -> np.ndarray:
-    """The old ``engine.dose``: Gy per 1e9 primaries, float32 (N, L, H, W)."""
+def reference_dose(engine: AnalyticEngine, geometry_hu, energies_mev, voxel_mm=(2.0, 2.0, 2.0), *,
+                   cut: bool = True) -> np.ndarray:
+    """The old ``engine.dose``: Gy per 1e9 primaries, float32 (N, L, H, W); with ``cut`` (default) erfc is cut
+    where engine 1.1 cuts it (``dota.engines.analytic._erfc_tail_from``), else as engine 1.0 computed it."""
+    from dota.engines.analytic import _erfc_tail_from
+
+    tail_from = _erfc_tail_from() if cut else None
     geometry, energies = check_beamlets(geometry_hu, energies_mev)
     voxel = tuple(float(v) for v in voxel_mm)
     out = np.zeros(geometry.shape, dtype=np.float32)
     for i in range(geometry.shape[0]):
-        beamlet(engine, geometry[i], float(energies[i]), voxel, out[i])
+        beamlet(engine, geometry[i], float(energies[i]), voxel, out[i], tail_from)
     return out

@@ -47,7 +47,7 @@ def test_mcsquare_plan_matches_the_pipeline(box, gantry, couch, xy):
 
     plan = Plan([Beam("b", gantry, couch, (5.0, -3.0, 2.0), [EnergyLayer(100.0, [xy], [1.0])])])
     ours = compute_plan_dose(box, plan, get_engine("analytic")).dose_gy
-    mc = mcsquare_plan_dose(box, plan, primaries=20000, seed=3)
+    mc = mcsquare_plan_dose(box, plan, primaries=100000, seed=3)  # (see the off-centre test on noise)
     axes = iec_beam_axes(gantry, couch)
     lateral = _centroid(box, mc, 0.1) - _centroid(box, ours, 0.1)
     assert abs(lateral @ axes.x_axis) < 1.5 and abs(lateral @ axes.y_axis) < 1.5  # mm: spot positions agree
@@ -64,11 +64,13 @@ def test_mcsquare_plan_matches_the_pipeline_off_centre(corner_box, gantry):
     iso = (77.5, 68.5, -16.5)  # the CT's centre + (35, -30, 10) mm
     plan = Plan([Beam("b", gantry, 0.0, iso, [EnergyLayer(90.0, [(5.0, 0.0)], [1.0])])])
     ours = compute_plan_dose(corner_box, plan, get_engine("analytic"), progress=False).dose_gy
-    mc = mcsquare_plan_dose(corner_box, plan, primaries=10000, seed=3)
+    # 1e5 protons: at 1e4 the centroid of the voxels above half the (noisy) maximum moved by up to 4.1 mm
+    # along the beam from one seed to the next (0.02-0.13 mm here at 1e5, on every side)
+    mc = mcsquare_plan_dose(corner_box, plan, primaries=100000, seed=3)
     axes = iec_beam_axes(gantry)
     lateral = _centroid(corner_box, mc, 0.1) - _centroid(corner_box, ours, 0.1)
     assert abs(lateral @ axes.x_axis) < 1.5 and abs(lateral @ axes.y_axis) < 1.5
-    assert abs((_centroid(corner_box, mc, 0.5) - _centroid(corner_box, ours, 0.5)) @ axes.direction) < 4.0
+    assert abs((_centroid(corner_box, mc, 0.5) - _centroid(corner_box, ours, 0.5)) @ axes.direction) < 2.0
 
 
 def test_frame_conversion_round_trip_and_refusals():
