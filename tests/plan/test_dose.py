@@ -311,6 +311,44 @@ class _WorkerTrouble(SpyEngine):
         return self.inner.dose(geometry, energies, voxel_mm)
 
 
+class _SlowFirstCall(SpyEngine):
+    """Runs in worker processes; its first call (the plan's first chunk) returns only once two later calls
+    have finished (each call leaves a file in ``folder``), or fails after 60 s."""
+
+    concurrent = True
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder, self.first_seeds = folder, None
+
+    def dose(self, geometry, energies, voxel_mm=(2.0, 2.0, 2.0), *, seeds=None):
+        import time
+
+        if self.first_seeds is not None and list(seeds) == self.first_seeds:
+            deadline = time.monotonic() + 60.0
+            while len(list(self.folder.iterdir())) < 2:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the other worker got no new job while this one was busy")
+                time.sleep(0.02)
+        dose = self.inner.dose(geometry, energies, voxel_mm)
+        (self.folder / f"call-{min(seeds)}").touch()
+        return dose
+
+
+def test_a_worker_that_replies_gets_the_next_job_while_another_is_busy(tmp_path):
+    """Results are deposited in plan order, but a worker is not kept waiting for the one whose result is due:
+    while the first chunk's worker is still busy, the other one goes through later chunks (the first call
+    returns only after two others have), and the dose is the one-process dose."""
+    ct = read_ct_phantom()
+    spy = SpyEngine()
+    one = compute_plan_dose(ct, _multi_chunk_plan(), spy, max_beamlets_per_call=4, workers=1)
+    engine = _SlowFirstCall(tmp_path)
+    engine.first_seeds = spy.seeds[: len(spy.calls[0][1])]  # the plan's first call
+    two = compute_plan_dose(ct, _multi_chunk_plan(), engine, max_beamlets_per_call=4, workers=2)
+    assert two.stats["engine_calls"] == one.stats["engine_calls"] >= 8
+    np.testing.assert_array_equal(two.dose_gy, one.dose_gy)
+
+
 @pytest.mark.parametrize("how", ["raise", "die"])
 def test_a_worker_failure_reaches_the_plan(how):
     engine = _WorkerTrouble(how)

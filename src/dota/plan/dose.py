@@ -800,6 +800,7 @@ class _EnginePool:
             raise RuntimeError(f"plan worker process {w} died (exit code {proc.exitcode}; out of memory?)") from None
 
     def _reply(self, w: int) -> np.ndarray:
+        """Worker ``w``'s reply to its job (waited for): the dose, copied out of its buffer."""
         proc, conn, out = self._workers[w]
         try:
             while not conn.poll(1.0):
@@ -815,31 +816,58 @@ class _EnginePool:
             return value
         return out[:value].copy()  # the worker's buffer takes its next job once this returns
 
+    def _first_ready(self, busy: list[int]) -> list[int]:
+        """The workers of ``busy`` that have replied, waiting until one has (and checking that they live)."""
+        from multiprocessing.connection import wait
+
+        conns = {self._workers[w][1]: w for w in busy}
+        while True:
+            ready = wait(list(conns), timeout=1.0)
+            if ready:
+                return sorted(conns[c] for c in ready)
+            for w in busy:
+                proc = self._workers[w][0]
+                if not proc.is_alive():
+                    proc.join(timeout=5)
+                    raise RuntimeError(f"plan worker process {w} died (exit code {proc.exitcode}; out of memory?)")
+
     def map(self, items: Iterator[tuple[Any, ...]], timer: StageTimer) -> Iterator[tuple[tuple[Any, ...], np.ndarray]]:
         """``(item, dose)`` for each item (a tuple whose last element is the :class:`_Job`), in order;
-        ``timer``'s "infer" holds the time spent waiting on (or, with one worker, running) the engine."""
+        ``timer``'s "infer" holds the time spent waiting on (or, with one worker, running) the engine.
+
+        With workers, a worker that replies gets the next job at once, whichever worker's result is due next:
+        results are held (at most one per worker) until those before them are in, so no worker waits while
+        the calling process waits on another one or deposits."""
         if not self._workers:
             for item in items:
                 with timer("infer"):
                     dose = item[-1].run(self.engine)
                 yield item, dose
             return
-        from collections import deque
-
-        pending: deque[tuple[int, tuple[Any, ...]]] = deque()
         items = iter(items)
-        for w in range(self.n):
+        inflight: dict[int, tuple[int, tuple[Any, ...]]] = {}  # worker -> (position in the stream, item)
+        held: dict[int, tuple[tuple[Any, ...], np.ndarray]] = {}  # position -> (item, dose), until it is due
+        sent = due = 0
+
+        def feed(w: int) -> None:  # the next item's blocks are cut (its beam rotated) here
+            nonlocal sent
             item = next(items, None)
-            if item is None:
-                break
-            self._send(w, item[-1])
-            pending.append((w, item))
-        while pending:
-            w, item = pending.popleft()
-            with timer("infer"):
-                dose = self._reply(w)
-            nxt = next(items, None)  # its blocks are cut (its beam rotated) while that worker waits for it
-            if nxt is not None:
-                self._send(w, nxt[-1])
-                pending.append((w, nxt))
+            if item is not None:
+                self._send(w, item[-1])
+                inflight[w] = (sent, item)
+                sent += 1
+
+        for w in range(self.n):
+            feed(w)
+        while inflight or due in held:
+            if due not in held:
+                with timer("infer"):
+                    ready = self._first_ready(sorted(inflight))
+                for w in ready:
+                    position, item = inflight.pop(w)
+                    held[position] = (item, self._reply(w))
+                    feed(w)
+                continue
+            item, dose = held.pop(due)
+            due += 1
             yield item, dose
