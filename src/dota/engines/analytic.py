@@ -50,8 +50,10 @@ the head-and-neck plan, 150 x 24 x 24 voxels of 2 mm, the ``dota`` spot, in plan
 blocks; old and new interleaved call by call, medians of 7 repeats, ranges in brackets): engine 1.0
 13.0 [12.4-13.7] ms per beamlet, now 7.5 [7.1-8.4] ms, 1.71x [1.60-1.76], bit-identical; with
 ``bit_identical=False`` 7.0 [6.4-7.6] ms, 1.86x [1.80-1.95], at most 8.9e-7 of the beamlet's maximum
-(1.3e-6 Gy per 1e9 protons) from the old doses. The erfc evaluations (a fifth of the time) and
-``torch.bmm`` are the largest parts left.
+(1.3e-6 Gy per 1e9 protons) from the old doses. On a later, slower day (AVX-512 VM, session 13) the
+plan's blocks took 21.8 ms per beamlet in a one-process plan under cProfile, 12.3 ms of it ``torch.bmm``
+at 6 GFLOP/s: the subnormal erfc tails. Cut at :data:`ERFC_TAIL` (version 1.1): 7.5 ms, ``torch.bmm``
+0.7 ms (the same call on the same inputs 12.4 ms as it was, 0.31 ms with subnormals flushed).
 """
 
 from __future__ import annotations
