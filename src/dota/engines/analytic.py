@@ -124,8 +124,8 @@ def _erfc_zero_from() -> float:
 #: itself (float32 resolves 6e-8 of a value). What it buys: the tails below 1e-15 were float32 subnormals
 #: (under 1.2e-38) or multiplied into them, and x86 processors handle subnormal operands and results in
 #: microcode, 20-40x slower: ``torch.bmm`` over a plan's profiles took 12-18 ms per beamlet with them,
-#: 0.3-0.9 ms without (2 % of the entries had been subnormal). Plans' doses change by at most 1e-15 of the
-#: maximum (7e-16 Gy on a 2.5 Gy head-and-neck beam; tests bound it at 1e-12).
+#: 0.3-0.9 ms without (2 % of the entries had been subnormal). A head-and-neck beam's dose (maximum 2.46 Gy)
+#: changed by 1.8e-15 Gy, 7e-16 of its maximum; tests bound the change at 1e-12 of each beamlet's maximum.
 ERFC_TAIL: float = 1e-15
 
 _ERFC_TAIL_FROM: list[float] = []
@@ -230,8 +230,8 @@ def _lattice_profile_rows(idx_r: np.ndarray, idx_c: np.ndarray, weight: np.ndarr
     - of the others, ``U[m]`` is evaluated only up to the farthest voxel the sub-pencil reaches in the block
       and only below the argument from which the engine takes erfc as 0 (:func:`_erfc_tail_from`): the
       entries left out are 0 or not used; arguments from there on inside the evaluated entries are set to
-      infinity, so every erfc below :data:`ERFC_TAIL` is 0, as in a full table cut at that argument. Rows are sorted by that length and evaluated in a few batches,
-      each as long as its longest row, the padding set to infinity (erfc 0, and fast): a third of the old
+      infinity, so every erfc below :data:`ERFC_TAIL` is 0, as in a full table cut at that argument. Rows
+      are sorted by that length and evaluated in a few batches, each as long as its longest row, the padding set to infinity (erfc 0, and fast): a third of the old
       erfc evaluations are left, and none in erfc's slow underflow path (the old table had a sixth of its
       entries there, at 5-8x the cost);
     - the profiles are read from one table of the mirrored differences ``V[|q|]``, ``q = -(n-1) .. n-1``,
@@ -245,17 +245,17 @@ def _lattice_profile_rows(idx_r: np.ndarray, idx_c: np.ndarray, weight: np.ndarr
     weight = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1)
     n_kept = kept.size
     s = (1.0 / (math.sqrt(2.0) * sigma_kept_mm)).astype(np.float32)
-    # U[0 .. length-1] is needed: up to the farthest voxel, and below erfc's zeros (at least U[0]: the
+    # U[0 .. length-1] is needed: up to the farthest voxel, and below erfc's cut (at least U[0]: the
     # centre's voxel is 2 - 2 U[0] even where U[0] is 0)
     reach = np.maximum(np.maximum(idx_r, rows - 1 - idx_r), np.maximum(idx_c, cols - 1 - idx_c)) + 1
     half = _half_voxels(count, spacing_mm)
-    # m from here on have float32(half[m] * s) >= zero_from: in exact arithmetic m >= q with (q + 0.5) *
-    # spacing * s = zero_from; the 1e-6 margin covers the float32 roundings of half[m] and the product
+    # m from here on have float32(half[m] * s) >= tail_from: in exact arithmetic m >= q with (q + 0.5) *
+    # spacing * s = tail_from; the 1e-6 margin covers the float32 roundings of half[m] and the product
     tail_from = _erfc_tail_from()
     q = tail_from / (spacing_mm * s.astype(np.float64)) - 0.5
-    below_zero = np.ceil(np.clip(q * (1.0 + 1e-6) + 1e-6, 1.0, count))
+    below_tail = np.ceil(np.clip(q * (1.0 + 1e-6) + 1e-6, 1.0, count))
     small = np.uint8 if count < 256 else np.int32  # (a stable sort of uint8 is a radix sort)
-    length = np.minimum(below_zero.astype(small), np.tile(reach.astype(small), depth).take(kept))
+    length = np.minimum(below_tail.astype(small), np.tile(reach.astype(small), depth).take(kept))
     order = np.argsort(length, kind="stable")
     kept, s, length = kept[order], s[order], length[order]
 
@@ -454,8 +454,8 @@ class AnalyticEngine(DoseEngine):
         :data:`dota.engines.base.BUILTIN_ENGINES`.
     bit_identical : bool
         True (default): every depth slice is summed over every sub-pencil, as before: the doses of engine
-        version 1.0 with erfc cut at :data:`ERFC_TAIL`, float32 bit for bit. False: sub-pencils that no longer reach a group of deeper slices
-        are left out of those slices' sums (:func:`_depth_groups`): the same terms summed by ``torch.bmm``
+        version 1.0 with erfc cut at :data:`ERFC_TAIL`, float32 bit for bit. False: sub-pencils that no
+        longer reach a group of deeper slices are left out of those slices' sums (:func:`_depth_groups`): the same terms summed by ``torch.bmm``
         in another order, within 1e-6 of each beamlet's maximum (8.9e-7 at most over the 1,908 beamlets of
         the head-and-neck plan; tests) and about 8 % faster.
     """

@@ -791,13 +791,18 @@ class _EnginePool:
             conn.close()
         self._workers = []
 
+    def _died(self, w: int) -> RuntimeError:
+        """The error for worker ``w``, which is gone (joined here, for its exit code)."""
+        proc = self._workers[w][0]
+        proc.join(timeout=5)
+        return RuntimeError(f"plan worker process {w} died (exit code {proc.exitcode}; out of memory?)")
+
     def _send(self, w: int, job: _Job) -> None:
-        proc, conn, _ = self._workers[w]
+        conn = self._workers[w][1]
         try:
             conn.send(job)
         except OSError:  # its end of the pipe is closed: the worker is gone
-            proc.join(timeout=5)
-            raise RuntimeError(f"plan worker process {w} died (exit code {proc.exitcode}; out of memory?)") from None
+            raise self._died(w) from None
 
     def _reply(self, w: int) -> np.ndarray:
         """Worker ``w``'s reply to its job (waited for): the dose, copied out of its buffer."""
@@ -808,8 +813,7 @@ class _EnginePool:
                     raise EOFError
             status, value = conn.recv()
         except (EOFError, OSError):
-            proc.join(timeout=5)
-            raise RuntimeError(f"plan worker process {w} died (exit code {proc.exitcode}; out of memory?)") from None
+            raise self._died(w) from None
         if status == "error":
             raise value
         if status == "dose":
@@ -826,10 +830,8 @@ class _EnginePool:
             if ready:
                 return sorted(conns[c] for c in ready)
             for w in busy:
-                proc = self._workers[w][0]
-                if not proc.is_alive():
-                    proc.join(timeout=5)
-                    raise RuntimeError(f"plan worker process {w} died (exit code {proc.exitcode}; out of memory?)")
+                if not self._workers[w][0].is_alive():
+                    raise self._died(w)
 
     def map(self, items: Iterator[tuple[Any, ...]], timer: StageTimer) -> Iterator[tuple[tuple[Any, ...], np.ndarray]]:
         """``(item, dose)`` for each item (a tuple whose last element is the :class:`_Job`), in order;
