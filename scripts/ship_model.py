@@ -304,6 +304,18 @@ def lateral_card_text(table: dict | None) -> str:
             "`dota.plan.lateral`), constant beyond those energies.")
 
 
+def shipped_data_engines(record: dict) -> list[str]:
+    """The engines of the shipped model's training data: its checkpoint's own record (``dota train`` writes
+    ``data_engines``), else the engines of the dataset manifests given."""
+    engines = record["training"]["checkpoint_extra"].get("data_engines")
+    if engines is None:
+        engines = sorted({(d.get("attrs") or {}).get("engine") for d in record["data"]} - {None})
+    if not engines:
+        raise SystemExit("cannot tell which engine made the training data: give the checkpoint dota train wrote, "
+                         "or --manifest files")
+    return list(engines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -384,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
                                         args.golden_per_site)
     shipped_extra = {"model_card": "default.md", "preset": preset,
                      "test_gamma_1pct_3mm": record["test"]["dota"]["gamma"][CRIT]["mean"]}
+    # the engines its data came from: a copy of the shipped file, loaded by its path elsewhere, must still get the
+    # plans' corrections for MCsquare blocks (dota.engines.learned; without this record a copy lost them silently)
+    shipped_extra["data_engines"] = shipped_data_engines(record)
     lateral = record["training"]["checkpoint_extra"].get("plan_lateral_mm2")  # scripts/fit_lateral.py
     if lateral is not None:
         shipped_extra["plan_lateral_mm2"] = record["plan_lateral"] = lateral

@@ -286,6 +286,19 @@ def test_the_shipped_model_by_path_gets_the_corrections_too():
     assert LearnedEngine(str(default_model_path())).mcsquare_blocks is True
 
 
+def test_a_copy_of_the_shipped_model_gets_the_corrections_too(tmp_path):
+    """The shipped file copied elsewhere is the same model (found: a copy lost the halo and entrance-spot
+    corrections, and the head-and-neck plan fell from 97.9 to 88.5 %)."""
+    import shutil
+
+    from dota.checkpoint import default_model_path, read_checkpoint_metadata
+    from dota.engines.learned import LearnedEngine
+
+    copy = shutil.copy(default_model_path(), tmp_path / "my_model.safetensors")
+    assert read_checkpoint_metadata(copy)["extra"]["data_engines"] == ["mcsquare"]
+    assert LearnedEngine(str(copy)).mcsquare_blocks is True
+
+
 def test_a_checkpoint_records_its_training_data_engine(tmp_path):
     """A model a user trains on MCsquare blocks gets MCsquare's block corrections in plans without a flag
     (found: a fine-tuned default model, loaded by path, lost them and its plan fell 10 gamma points)."""

@@ -67,3 +67,16 @@ def test_fine_tuning_refuses_what_is_not_one(ship, tmp_path):
     (tmp_path / "history.json").write_text("[]")
     with pytest.raises(SystemExit, match="no finished epoch"):
         ship._fine_tuning(tmp_path)
+
+
+def test_the_shipped_file_records_its_data_engines(ship):
+    """The shipped weights say which engine made their training data, so that a copy of them loaded by its own
+    path still gets the plans' MCsquare block corrections (found: a copy lost them; its plan passed 88.5 %
+    against 97.9 %)."""
+    record = {"training": {"checkpoint_extra": {"data_engines": ["mcsquare"]}}, "data": []}
+    assert ship.shipped_data_engines(record) == ["mcsquare"]
+    record = {"training": {"checkpoint_extra": {}},
+              "data": [{"attrs": {"engine": "mcsquare"}}, {"attrs": {"engine": "analytic"}}, {"attrs": {}}]}
+    assert ship.shipped_data_engines(record) == ["analytic", "mcsquare"]
+    with pytest.raises(SystemExit, match="which engine made the training data"):
+        ship.shipped_data_engines({"training": {"checkpoint_extra": {}}, "data": []})
