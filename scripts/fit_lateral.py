@@ -54,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"checkpoint": str(path), "bins": rows, "table": table}, indent=1) + "\n")
     if args.out:
         extra = {**engine.model.checkpoint_info["extra"], "plan_lateral_mm2": table}
-        if engine.mcsquare_blocks and "data_engines" not in extra:  # the shipped model says so in its card
-            extra["data_engines"] = ["mcsquare"]
         save_model(engine.model, args.out, extra=extra)
         print(f"wrote {args.out}")
     return 0

@@ -231,9 +231,9 @@ def _lattice_profile_rows(idx_r: np.ndarray, idx_c: np.ndarray, weight: np.ndarr
       and only below the argument from which the engine takes erfc as 0 (:func:`_erfc_tail_from`): the
       entries left out are 0 or not used; arguments from there on inside the evaluated entries are set to
       infinity, so every erfc below :data:`ERFC_TAIL` is 0, as in a full table cut at that argument. Rows
-      are sorted by that length and evaluated in a few batches, each as long as its longest row, the padding set to infinity (erfc 0, and fast): a third of the old
-      erfc evaluations are left, and none in erfc's slow underflow path (the old table had a sixth of its
-      entries there, at 5-8x the cost);
+      are sorted by that length and evaluated in a few batches, each as long as its longest row, the
+      padding set to infinity (erfc 0, and fast): a third of the old erfc evaluations are left, and none in
+      erfc's slow underflow path (the old table had a sixth of its entries there, at 5-8x the cost);
     - the profiles are read from one table of the mirrored differences ``V[|q|]``, ``q = -(n-1) .. n-1``,
       a row per computed row and a zero row, with ``torch.index_select`` on its sliding windows (window
       start ``n - 1 - i`` for a sub-pencil at voxel ``i``): a row copy per profile row instead of gathers.
@@ -455,9 +455,9 @@ class AnalyticEngine(DoseEngine):
     bit_identical : bool
         True (default): every depth slice is summed over every sub-pencil, as before: the doses of engine
         version 1.0 with erfc cut at :data:`ERFC_TAIL`, float32 bit for bit. False: sub-pencils that no
-        longer reach a group of deeper slices are left out of those slices' sums (:func:`_depth_groups`): the same terms summed by ``torch.bmm``
-        in another order, within 1e-6 of each beamlet's maximum (8.9e-7 at most over the 1,908 beamlets of
-        the head-and-neck plan; tests) and about 8 % faster.
+        longer reach a group of deeper slices are left out of those slices' sums (:func:`_depth_groups`):
+        the same terms summed by ``torch.bmm`` in another order, within 1e-6 of each beamlet's maximum
+        (8.9e-7 at most over the 1,908 beamlets of the head-and-neck plan; tests) and about 8 % faster.
     """
 
     name = "analytic"

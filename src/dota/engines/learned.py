@@ -20,9 +20,9 @@ class LearnedEngine(DoseEngine):
     stays where it is.
 
     ``mcsquare_blocks`` (:attr:`DoseEngine.mcsquare_blocks`: plans add the dose outside each block and
-    correct the entrance spot size) is true for a model trained on MCsquare blocks only: the shipped model
-    (its card lists the data) and checkpoints whose record says so (``dota train`` writes the training
-    files' engines into each checkpoint); false for others unless ``mcsquare_blocks=True``.
+    correct the entrance spot size) is true for a model trained on MCsquare blocks only: checkpoints whose record
+    says so (``dota train`` writes the training files' engines into each checkpoint, and the shipped model's
+    file keeps them); false for others unless ``mcsquare_blocks=True``.
     """
 
     name = "dota"
@@ -97,29 +97,17 @@ def _lateral_table(model: object, source: str) -> dict[str, np.ndarray] | None:
 
 
 def _trained_on_mcsquare(model: object) -> bool:
-    """Whether ``model`` was trained on MCsquare blocks only: a checkpoint whose record (``extra``) lists
-    ``data_engines`` ``["mcsquare"]``, or the shipped default model (by name or path) whose card lists MCsquare
-    training data. Checkpoints without that record (written before it was kept) give False: pass
+    """Whether ``model`` was trained on MCsquare blocks only: a checkpoint (the shipped default model, by name,
+    path or a copy, included) whose record (``extra``) lists ``data_engines`` ``["mcsquare"]``. Checkpoints
+    without that record (written before it was kept) and loaded models give False: pass
     ``mcsquare_blocks=True`` for one trained on MCsquare."""
-    import json
-    from importlib import resources
-
     from pathlib import Path
 
     from dota.checkpoint import DEFAULT_MODEL, default_model_path, read_checkpoint_metadata
 
-    if isinstance(model, (str, Path)) and model != DEFAULT_MODEL and Path(model).is_file():
-        engines = read_checkpoint_metadata(model)["extra"].get("data_engines")
-        if engines is not None:
-            return list(engines) == ["mcsquare"]
-    if model != DEFAULT_MODEL:  # the shipped file named by its path is the same model
-        try:
-            if not isinstance(model, (str, Path)) or Path(model).resolve() != default_model_path().resolve():
-                return False
-        except OSError:
-            return False
-    try:
-        card = json.loads(resources.files("dota").joinpath("resources", "models", "default.json").read_text())
-    except (OSError, ValueError):
+    if isinstance(model, str) and model == DEFAULT_MODEL:
+        model = default_model_path()
+    if not isinstance(model, (str, Path)) or not Path(model).is_file():
         return False
-    return any(isinstance(d, dict) and (d.get("attrs") or {}).get("engine") == "mcsquare" for d in card.get("data") or [])
+    engines = read_checkpoint_metadata(model)["extra"].get("data_engines")
+    return engines is not None and list(engines) == ["mcsquare"]
