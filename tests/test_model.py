@@ -168,6 +168,38 @@ def test_encoder_and_decoder_rewrites_equal_the_textbook_layers():
         assert float((d_grad.detach() - dec_ref).abs().max()) <= 1e-5 * float(dec_ref.abs().max()), name
 
 
+def test_encode_and_decode_in_pieces_equal_one_pass(monkeypatch):
+    """Without a gradient the model's encode and decode run their slices in pieces (_per_slice): the same
+    values as the layers on every slice at once, for a slice count that is not a multiple of the piece."""
+    import dota.model as dm
+
+    model = checkpoint.load_model("small-pb", seed=2)
+    _, h, w = model.config.block_shape
+    geometry = torch.rand(3, 37, 2, h, w)
+    tokens = torch.randn(3, 37, model.config.d_model)
+    calls = []
+    encoder_forward = model.encoder.forward
+
+    def counted(x, fmt=torch.contiguous_format):
+        calls.append(x.shape[0])
+        return encoder_forward(x, fmt)
+
+    monkeypatch.setattr(model.encoder, "forward", counted)
+    monkeypatch.setattr(dm, "INFERENCE_SLICE_CHUNK", 16)
+    with torch.inference_mode():
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            calls.clear()
+            enc = model.encode(geometry, fmt)
+            assert calls == [16] * 6 + [15], calls  # 111 slices in pieces of 16
+            whole = encoder_forward(geometry.reshape(-1, 2, h, w), fmt).view(3, 37, -1)
+            assert torch.equal(enc, whole), fmt
+            dec = model.decode(tokens, fmt)
+            assert torch.equal(dec, model.decoder(tokens.reshape(-1, tokens.shape[-1]), fmt).view(3, 37, h, w)), fmt
+    calls.clear()
+    model.encode(geometry)  # with a gradient: one pass over every slice
+    assert calls == [111]
+
+
 def test_block_pieces_compose_to_the_block():
     """keys_values + finish (what the incremental decoder caches and resumes) give the block's own rows."""
     model = checkpoint.load_model("tiny", seed=4)  # look-ahead 2

@@ -13,6 +13,7 @@ slice token back into a dose slice. The network works on scaled quantities (see
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -227,6 +228,28 @@ def _pool(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, 2) if _needs_grad(x) else max_pool_2x2(x)
 
 
+#: Slices per piece when the per-slice encoder and decoder run without a gradient (:func:`_per_slice`).
+INFERENCE_SLICE_CHUNK = 128
+
+
+def _per_slice(layer: Callable[[torch.Tensor], torch.Tensor], slices: torch.Tensor) -> torch.Tensor:
+    """``layer(slices)`` for a layer that acts on each slice (row of ``slices``) alone, in pieces of
+    :data:`INFERENCE_SLICE_CHUNK` slices where no gradient is taken: the same values (each slice's arithmetic is unchanged; tests), but
+    the temporaries of a piece stay in the cache and the allocator reuses them. Measured here (the shipped
+    model's size, 2,400 slices, one thread): the encoder 245 -> 99 ms, the decoder 213 -> 111 ms, bit for
+    bit; 16-slice pieces 130 / 162 ms, 256-slice pieces 100 / 120 ms. With a gradient the layer runs on all
+    slices at once (training's backward pass)."""
+    n, chunk = slices.shape[0], INFERENCE_SLICE_CHUNK
+    if torch.is_grad_enabled() or n <= chunk:
+        return layer(slices)
+    first = layer(slices[:chunk])
+    out = first.new_empty((n, *first.shape[1:]))
+    out[:chunk] = first
+    for s in range(chunk, n, chunk):
+        out[s : s + chunk] = layer(slices[s : s + chunk])
+    return out
+
+
 class SliceEncoder(nn.Module):
     """Per-slice CNN: (n, C, H, W) -> (n, d_model). Conv-GroupNorm-MaxPool-ReLU twice, then
     Conv-GroupNorm-ReLU, flattened channels-last (rows, cols, channels) as in the Keras original.
@@ -411,7 +434,8 @@ class DoTA(nn.Module):
         b, l = geometry.shape[:2]
         h, w = geometry.shape[-2:]
         c = geometry.shape[2] if geometry.ndim == 5 else 1
-        return self.encoder(geometry.reshape(b * l, c, h, w), memory_format).view(b, l, -1)
+        slices = geometry.reshape(b * l, c, h, w)
+        return _per_slice(lambda x: self.encoder(x, memory_format), slices).view(b, l, -1)
 
     def network_input(self, geometry_scaled: torch.Tensor, base_scaled: torch.Tensor | None) -> torch.Tensor:
         """What :meth:`forward` takes: the scaled geometry (B, L, H, W), with the scaled base dose stacked
@@ -468,7 +492,7 @@ class DoTA(nn.Module):
         """(B, l, d_model) slice tokens after the transformer -> (B, l, H, W) scaled dose."""
         b, l, _ = tokens.shape
         _, h, w = self.config.block_shape
-        return self.decoder(tokens.reshape(b * l, -1), memory_format).view(b, l, h, w)
+        return _per_slice(lambda x: self.decoder(x, memory_format), tokens.reshape(b * l, -1)).view(b, l, h, w)
 
     # -- the plain full forward pass ------------------------------------------------------------
     def forward(self, geometry: torch.Tensor, energy: torch.Tensor,
