@@ -99,7 +99,8 @@ def test_the_entrance_correction_also_removes_the_engines_excess():
     block = gaussian_block(16.0, 16.0, 3)[None]
     excess = np.array([[1.2, 0.4]])
     out = _entrance_spot_correction(block, np.array([150.0]), 100.0, VOXEL, excess)[0]
-    d_rows, d_cols = np.array(entrance_spot_delta_mm2(150.0, 100.0)) + 1.0 + excess[0]
+    depth = (np.arange(block.shape[1]) + 0.5) * VOXEL[0]  # every slice holds the same dose: the mean of their deltas
+    d_rows, d_cols = np.mean([entrance_spot_delta_mm2(150.0, 100.0, z) for z in depth], axis=0) + 1.0 + excess[0]
     assert variance(block[0], 0) - variance(out, 0) == pytest.approx(d_rows, rel=2e-3)
     assert variance(block[0], 1) - variance(out, 1) == pytest.approx(d_cols, rel=2e-3)
     summed = _corrected_spot(block, np.array([2.0]), np.array([150.0]), 100.0, VOXEL, excess)

@@ -513,12 +513,17 @@ def _sheared_entries(grid: bev.BeamGrid, first_body: np.ndarray, windows: list, 
     return out_w, out_s
 
 
-def entrance_spot_delta_mm2(energy_mev: float, upstream_mm: float) -> tuple[float, float]:
-    """``sigma^2`` of the beam model's core spot at the isocentre minus at ``upstream_mm`` before it, (rows, cols) mm^2."""
+def entrance_spot_delta_mm2(energy_mev: float, upstream_mm: float, depth_mm: float = 0.0) -> tuple[float, float]:
+    """``sigma^2`` of the beam model's core spot ``depth_mm`` past the isocentre minus ``depth_mm`` past a point
+    ``upstream_mm`` before it, (rows, cols) mm^2: at depth ``z`` in a block that MCsquare simulates with its entrance at
+    the isocentre, against the same depth in a plan's block that enters ``upstream_mm`` before it. The beam's own
+    spread drifts on through the patient as through air (its angles are carried along; scattering adds to it
+    independently), so the difference grows with depth: ``delta(z) = delta(0) + 2 theta^2 u z`` (divergence
+    ``theta``), e.g. 3.3 -> 4.1 mm^2 across at 100 MeV, ``u`` = 100 mm, from the entrance to 100 mm deep."""
     from dota.engines.analytic import beam_model_spot
 
-    (_, iso_r, iso_c), _ = beam_model_spot(energy_mev)
-    (_, up_r, up_c), _ = beam_model_spot(energy_mev, upstream_mm)
+    (_, iso_r, iso_c), _ = beam_model_spot(energy_mev, -depth_mm)
+    (_, up_r, up_c), _ = beam_model_spot(energy_mev, upstream_mm - depth_mm)
     return iso_r**2 - up_r**2, iso_c**2 - up_c**2
 
 
@@ -556,30 +561,34 @@ def _entrance_spot_correction(part: np.ndarray, energies: np.ndarray, upstream_m
     agree)."""
     part = np.asarray(part, dtype=np.float64)
     mean, dev = _spot_deltas(part, energies, upstream_mm, voxel_mm, excess)
-    sums = np.stack([part, dev[:, 0, None, None, None] * part, dev[:, 1, None, None, None] * part], axis=1)
+    sums = np.stack([part, dev[:, :, 0, None, None] * part, dev[:, :, 1, None, None] * part], axis=1)
     return np.stack([_sharpen_sums(sums[m], mean, slice_mm2, voxel_mm) for m in range(len(part))])
 
 
 def _spot_deltas(part: np.ndarray, energies: np.ndarray, upstream_mm: float, voxel_mm: tuple[float, float, float],
                  excess: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The spot's sharpening (:func:`_entrance_deltas`, (n, 2) mm^2) as its mean over the energy layers (weighted by
-    each layer's in-block dose, not by the plan's weights, so the matrix's blocks do not depend on them) and each
-    layer's deviation from it."""
-    deltas = _entrance_deltas(energies, upstream_mm, voxel_mm, excess)
+    """The spot's sharpening per slice (:func:`_entrance_deltas`, (n, L, 2) mm^2 for blocks ``part`` (n, L, H, W)) as
+    its mean over the energy layers (L, 2) (weighted by each layer's in-block dose, not by the plan's weights, so the
+    matrix's blocks do not depend on them) and each layer's deviation from it (n, L, 2)."""
+    deltas = _entrance_deltas(energies, upstream_mm, voxel_mm, excess, part.shape[1])
     mass = np.abs(part.reshape(len(part), -1).sum(axis=1))
-    mean = (mass @ deltas) / mass.sum() if mass.sum() > 0 else deltas.mean(axis=0)
-    return mean, deltas - mean
+    mean = np.tensordot(mass, deltas, axes=(0, 0)) / mass.sum() if mass.sum() > 0 else deltas.mean(axis=0)
+    return mean, deltas - mean[None]
 
 
 def _entrance_deltas(energies: np.ndarray, upstream_mm: float, voxel_mm: tuple[float, float, float],
-                     excess: np.ndarray | None = None) -> np.ndarray:
-    """(n, 2) mm^2 the blocks of :func:`_entrance_spot_correction` are sharpened by: the spot's sigma^2 at the
-    isocentre minus at the block's entrance, plus the resampling blur (:func:`resampling_blur_mm2`), plus
-    ``excess`` (n, 2), the engine's own beamlets' width above Monte Carlo's
+                     excess: np.ndarray | None = None, length: int = 1) -> np.ndarray:
+    """(n, L, 2) mm^2 the ``length`` slices of the blocks of :func:`_entrance_spot_correction` are sharpened by: the
+    spot's sigma^2 with the block's entrance at the isocentre minus with it at the plan's entrance, at each slice's
+    depth (:func:`entrance_spot_delta_mm2`; linear in depth, so two evaluations per energy), plus the resampling blur
+    (:func:`resampling_blur_mm2`), plus ``excess`` (n, 2), the engine's own beamlets' width above Monte Carlo's
     (:meth:`~dota.engines.base.DoseEngine.lateral_excess_mm2`)."""
-    deltas = np.array([entrance_spot_delta_mm2(float(e), upstream_mm) for e in energies])  # (n, 2)
+    at0 = np.array([entrance_spot_delta_mm2(float(e), upstream_mm) for e in energies]).reshape(-1, 2)  # (n, 2)
+    at1 = np.array([entrance_spot_delta_mm2(float(e), upstream_mm, 1.0) for e in energies]).reshape(-1, 2)
+    depth = (np.arange(int(length)) + 0.5) * voxel_mm[0]  # slice centres from the entrance face
+    deltas = at0[:, None, :] + (at1 - at0)[:, None, :] * depth[None, :, None]
     deltas = deltas + resampling_blur_mm2(voxel_mm)
-    return deltas if excess is None else deltas + excess
+    return deltas if excess is None else deltas + np.asarray(excess, dtype=np.float64).reshape(-1, 1, 2)
 
 
 def resampling_blur_mm2(voxel_mm: tuple[float, float, float]) -> np.ndarray:
@@ -618,14 +627,18 @@ def _corrected_spot(part: np.ndarray, weights: np.ndarray, energies: np.ndarray,
     replaces n. ``slice_mm2`` (L, 2) adds a sharpening per slice common to all of them (the splat's)."""
     part = np.asarray(part, dtype=np.float64)
     mean, dev = _spot_deltas(part, energies, upstream_mm, voxel_mm, excess)
-    w = np.stack([weights, weights * dev[:, 0], weights * dev[:, 1]])  # (3, n)
-    return _sharpen_sums(np.tensordot(w, part, axes=(1, 0)), mean, slice_mm2, voxel_mm)
+    weights = np.asarray(weights, dtype=np.float64)
+    sums = np.stack([np.tensordot(weights, part, axes=(0, 0)),  # S, S_r, S_c (the deviations differ per slice)
+                     np.einsum("ml,mlhw->lhw", weights[:, None] * dev[:, :, 0], part, optimize=True),
+                     np.einsum("ml,mlhw->lhw", weights[:, None] * dev[:, :, 1], part, optimize=True)])
+    return _sharpen_sums(sums, mean, slice_mm2, voxel_mm)
 
 
 def _sharpen_sums(sums: np.ndarray, mean: np.ndarray, slice_mm2: np.ndarray | None,
                   voxel_mm: tuple[float, float, float]) -> np.ndarray:
     """The sharpened dose (L, H, W) from ``sums`` (3, L, H, W): the dose ``S`` and its layers weighted by their
-    deviations ``d`` from the mean sharpening ``mean`` (rows, cols mm^2), ``S_r = sum d_r D``, ``S_c``. Exact
+    deviations ``d`` from the mean sharpening ``mean`` (rows, cols mm^2; (2,) or per slice (L, 2)), ``S_r = sum d_r
+    D``, ``S_c``. Exact
     Gaussian deconvolution in Fourier space, the gain ``exp((mean_r + s_r(z)) k_r^2 / 2 + (mean_c + s_c(z)) k_c^2
     / 2)`` per slice ``z`` (``s``: ``slice_mm2``), capped at :data:`SHARPEN_MAX_GAIN`, applied to ``S - S_r'' / 2
     - S_c'' / 2`` (the deviations to first order: second differences along rows and columns); then along depth by
@@ -638,8 +651,8 @@ def _sharpen_sums(sums: np.ndarray, mean: np.ndarray, slice_mm2: np.ndarray | No
     size_c = max(_SHARPEN_FFT, fft.next_fast_len(n_w + _SHARPEN_MARGIN, real=True))
     kr2 = (2.0 * np.pi * np.fft.fftfreq(size_r, d=voxel_mm[1])) ** 2
     kc2 = (2.0 * np.pi * np.fft.rfftfreq(size_c, d=voxel_mm[2])) ** 2
-    rows = np.full(n_l, float(mean[0]))
-    cols = np.full(n_l, float(mean[1]))
+    mean = np.broadcast_to(np.asarray(mean, dtype=np.float64), (n_l, 2))
+    rows, cols = mean[:, 0].copy(), mean[:, 1].copy()
     if slice_mm2 is not None:
         rows = rows + slice_mm2[:n_l, 0]
         cols = cols + slice_mm2[:n_l, 1]

@@ -163,16 +163,15 @@ def halo_patch(in_block: np.ndarray, wed_mm: np.ndarray, energies_mev: np.ndarra
     if live.size == 0:
         return np.zeros((0, big_h, big_w), dtype=np.float64)
     depth = int(live.max()) + 1
-    gy = np.stack([gaussian_rows(ry, dy, s) for s in table.sigmas_mm]) * dy  # (J, R): voxel fractions
-    gx = np.stack([gaussian_rows(cx, dx, s) for s in table.sigmas_mm]) * dx
-    amps = []
+    gy = gaussian_rows(ry, dy, table.sigmas_mm) * dy  # (J, R): voxel fractions
+    gx = gaussian_rows(cx, dx, table.sigmas_mm) * dx
+    amp = np.zeros((depth, len(table.sigmas_mm)))  # (D, J): the energies of one spot share the basis
     for i in range(n):
         e = float(energies_mev[i])
         r = float(csda_range_mm(e)) if ranges_mm is None else float(ranges_mm[i])
-        w = table.at(e, wed_mm[:depth] / r)  # (D, J) out-of-block fractions
-        amps.append(in_block[i, :depth, None] * w / norms)
-    amp = np.sum(amps, axis=0)  # (D, J): the energies of one spot share the basis
-    out = np.einsum("dj,jr,jc->drc", amp, gy, gx, optimize=True)
+        amp += in_block[i, :depth, None] * table.at(e, wed_mm[:depth] / r)  # out-of-block fractions
+    amp /= norms
+    out = np.matmul(amp[:, None, :] * gy.T[None], gx)  # (D, R, J) @ (J, C): sum_j amp[d, j] gy[j, r] gx[j, c]
     r0, c0 = (big_h - height) // 2, (big_w - width) // 2
     out[:, r0:r0 + height, c0:c0 + width] = 0.0
     return out
