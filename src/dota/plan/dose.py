@@ -21,7 +21,10 @@ engine and the shipped DoTA model, trained on it) simulate each block with the b
 spot at the block's entrance. In a plan a block enters ``u`` mm upstream of its beam's isocentre, where
 the beam model's spot is narrower (its sigma^2 smaller by ``delta = sigma_iso^2 - sigma(u)^2``, e.g. 1.3 mm^2
 across and 0.5 mm^2 along the gantry axis at 150 MeV and 100 mm; MCsquare's own plan simulation has the
-narrower spot). Each beamlet's block is therefore sharpened by ``delta``, the inverse of a Gaussian blur done
+narrower spot), and deeper in it the beam's own angular spread has drifted on from a point ``u`` further
+downstream, so ``delta`` grows with depth ``z``: ``delta(z) = delta(0) + 2 theta^2 u z`` (divergence ``theta``;
+3.3 -> 4.1 mm^2 across at 100 MeV, ``u`` = 100 mm, 100 mm deep; MCsquare in water shows it: docs/plans.md). Each
+beamlet's block is therefore sharpened slice by slice by ``delta(z)``, the inverse of a Gaussian blur done
 exactly in Fourier space (:func:`_sharpen_sums`: per slice the gain ``exp(delta_rows k_r^2/2 + delta_cols k_c^2/2)``,
 capped at :data:`SHARPEN_MAX_GAIN`; integral kept; not clipped per beamlet: only the plan's total dose is clipped
 at zero, where far tails of the sharpening add up below it). The same step pre-compensates the blur the dose gains
@@ -60,6 +63,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -520,11 +524,21 @@ def entrance_spot_delta_mm2(energy_mev: float, upstream_mm: float, depth_mm: flo
     spread drifts on through the patient as through air (its angles are carried along; scattering adds to it
     independently), so the difference grows with depth: ``delta(z) = delta(0) + 2 theta^2 u z`` (divergence
     ``theta``), e.g. 3.3 -> 4.1 mm^2 across at 100 MeV, ``u`` = 100 mm, from the entrance to 100 mm deep."""
+    c = _core_sigma2_polynomial(float(energy_mev))
+    at = lambda x: c[0] + c[1] * x + c[2] * x * x  # noqa: E731  (rows, cols) sigma^2 x mm past the isocentre
+    iso, up = at(float(depth_mm)), at(float(depth_mm) - float(upstream_mm))
+    return float(iso[0] - up[0]), float(iso[1] - up[1])
+
+
+@lru_cache(maxsize=4096)
+def _core_sigma2_polynomial(energy_mev: float) -> np.ndarray:
+    """(3, 2): the beam model's core spot ``sigma^2`` (rows, cols) ``x`` mm past the isocentre is ``c0 + c1 x + c2
+    x^2`` (:func:`dota.engines.analytic.beam_model_spot`, a quadratic in the distance), through its values at ``x`` =
+    -1, 0, 1 mm: a plan asks for a few energies thousands of times."""
     from dota.engines.analytic import beam_model_spot
 
-    (_, iso_r, iso_c), _ = beam_model_spot(energy_mev, -depth_mm)
-    (_, up_r, up_c), _ = beam_model_spot(energy_mev, upstream_mm - depth_mm)
-    return iso_r**2 - up_r**2, iso_c**2 - up_c**2
+    v = np.array([[s * s for s in beam_model_spot(energy_mev, -x)[0][1:]] for x in (-1.0, 0.0, 1.0)])
+    return np.stack([v[1], 0.5 * (v[2] - v[0]), 0.5 * (v[2] + v[0]) - v[1]])
 
 
 def _second_difference(a: np.ndarray, axis: int) -> np.ndarray:
