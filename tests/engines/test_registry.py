@@ -17,10 +17,10 @@ from dota.errors import InputError
 
 def test_builtin_engines_are_listed_without_importing_them() -> None:
     code = ("import sys; from dota.engines import available_engines; names = available_engines(); "
-            "print(names, [m for m in ('dota.engines.analytic', 'dota.engines.mcsquare', 'dota.engines.learned') "
+            "print(names, [m for m in ('dota.engines.analytic', 'dota.engines.mcsquare', 'dota.engines.learned', 'dota.engines.stored') "
             "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['analytic', 'analytic-bdl', 'dota', 'mcsquare'] []"
+    assert out.strip() == "['analytic', 'analytic-bdl', 'dota', 'mcsquare', 'stored'] []"
 
 
 def test_unknown_engine_names_the_available_ones() -> None:
@@ -34,7 +34,8 @@ def test_every_builtin_engine_takes_seeds_in_dose() -> None:
 
     classes = {getattr(importlib.import_module(target.split(":")[0]), target.split(":")[1])
                for target, _ in BUILTIN_ENGINES.values()} | {DoseEngine}
-    assert {c.__name__ for c in classes} == {"AnalyticEngine", "LearnedEngine", "MCsquareEngine", "DoseEngine"}
+    assert {c.__name__ for c in classes} == {"AnalyticEngine", "LearnedEngine", "MCsquareEngine", "StoredBeamletEngine",
+                                            "DoseEngine"}
     for cls in classes:
         seeds = inspect.signature(cls.dose).parameters["seeds"]
         assert seeds.kind is inspect.Parameter.KEYWORD_ONLY and seeds.default is None, cls

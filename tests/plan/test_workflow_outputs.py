@@ -193,3 +193,40 @@ def test_blocks_out_writes_the_blocks_the_engine_got(dicom_ct, plan_json, tmp_pa
     err = _refused(capsys, ["dose", "--ct", str(dicom_ct), "--plan", str(plan_json), "--engine", "mcsquare-plan",
                             "--blocks-out", str(tmp_path / "c.h5"), "--no-progress"])
     assert "--blocks-out needs a beamlet engine" in err and not (tmp_path / "c.h5").exists()
+
+
+def test_the_stored_engine_replays_a_blocks_out_file_and_refuses_another_plans(dicom_ct, plan_json, tmp_path, capsys):
+    """--engine stored --blocks-in gives the dose of the run that wrote the file, bit for bit, with the engine's
+    record (name, MCsquare blocks or not) taken from the file; a plan whose blocks or energies differ, a file too
+    short for the plan, and --blocks-in without the stored engine are refused in one line."""
+    from dataclasses import replace
+
+    from dota.engines.stored import StoredBeamletEngine
+    from dota.plan.planio import write_json_plan
+
+    assert main(_dose(dicom_ct, plan_json, "--out", str(tmp_path / "d.mhd"), "--blocks-out", str(tmp_path / "b.h5"))) == 0
+    replay = ["dose", "--ct", str(dicom_ct), "--plan", str(plan_json), "--engine", "stored", "--blocks-in",
+              str(tmp_path / "b.h5"), "--no-progress", "--summary", str(tmp_path / "s.json")]
+    assert main([*replay, "--out", str(tmp_path / "r.mhd")]) == 0
+    first, again = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / n))) for n in ("d.mhd", "r.mhd"))
+    np.testing.assert_array_equal(first, again)
+    assert json.loads((tmp_path / "s.json").read_text())["engine"] == "stored"
+    engine = StoredBeamletEngine(tmp_path / "b.h5")
+    assert engine.source_engine == "analytic" and not engine.mcsquare_blocks and not engine.concurrent
+    capsys.readouterr()
+
+    plan = small_plan()
+    other = replace(plan, beams=[replace(plan.beams[0], layers=[replace(plan.beams[0].layers[0], energy_mev=101.0),
+                                                               *plan.beams[0].layers[1:]]), *plan.beams[1:]])
+    err = _refused(capsys, [*replay, "--plan", str(write_json_plan(tmp_path / "other.json", other)), "--out",
+                            str(tmp_path / "o.mhd"), "--overwrite"])
+    assert "is not the one this plan asks for" in err and not (tmp_path / "o.mhd").exists()
+    more = replace(plan, beams=[*plan.beams, replace(plan.beams[1], name="B3")])
+    err = _refused(capsys, [*replay, "--plan", str(write_json_plan(tmp_path / "more.json", more)), "--out",
+                            str(tmp_path / "m.mhd"), "--overwrite"])
+    assert "holds 6 beamlets" in err
+    err = _refused(capsys, [*_dose(dicom_ct, plan_json, "--out", str(tmp_path / "x.mhd")), "--blocks-in",
+                            str(tmp_path / "b.h5")])
+    assert "--engine stored" in err
+    err = _refused(capsys, [*replay[:8], str(tmp_path / "missing.h5"), "--no-progress", "--out", str(tmp_path / "y.mhd")])
+    assert "missing.h5" in err

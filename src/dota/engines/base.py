@@ -26,6 +26,7 @@ BUILTIN_ENGINES: dict[str, tuple[str, dict[str, Any]]] = {
     "analytic": ("dota.engines.analytic:AnalyticEngine", {}),
     "analytic-bdl": ("dota.engines.analytic:AnalyticEngine", {"spot_model": "beam-model"}),
     "dota": ("dota.engines.learned:LearnedEngine", {}),
+    "stored": ("dota.engines.stored:StoredBeamletEngine", {}),
     "mcsquare": ("dota.engines.mcsquare:MCsquareEngine", {}),
 }
 #: Engines added with :func:`register_engine`.

@@ -41,7 +41,7 @@ def cmd_dose(args: argparse.Namespace) -> int:
         dij_path=args.dij, dij_threshold=args.dij_threshold, max_beamlets_per_call=args.max_beamlets_per_call,
         parallel_beams=args.parallel_beams, block_corrections=not args.no_block_corrections,
         progress=not args.no_progress, summary_path=args.summary, overwrite=args.overwrite, workers=args.workers,
-        blocks_out=args.blocks_out,
+        blocks_out=args.blocks_out, blocks_in=args.blocks_in,
     )
     _print_summary(summary, ("beams", "spot_energies", "spot_positions", "engine_calls", "max_dose_gy",
                              "dij_megabytes", "gamma", "dvh"))
@@ -75,8 +75,9 @@ def add_commands(sub: argparse._SubParsersAction, add_common: Callable[..., None
         "Format and conventions: docs/plans.md.")
     p.add_argument("--ct", type=Path, required=True, help="CT: DICOM folder, .mhd/.mha, .nrrd, .nii(.gz), *_ct.csv")
     p.add_argument("--plan", type=Path, required=True, help="plan: RT Ion Plan (.dcm), dota .json, PlanPencil .txt")
-    p.add_argument("--engine", default="dota", choices=["dota", "analytic", "mcsquare", "mcsquare-plan"],
-                   help="beamlet engine (dota, analytic, mcsquare) or MCsquare's own full-plan run (default dota)")
+    p.add_argument("--engine", default="dota", choices=["dota", "analytic", "mcsquare", "mcsquare-plan", "stored"],
+                   help="beamlet engine (dota, analytic, mcsquare), MCsquare's own full-plan run, or stored: the "
+                        "beamlets of --blocks-in replayed (default dota)")
     p.add_argument("--model", help="DoTA checkpoint path or preset name (dota engine; default: the shipped model)")
     p.add_argument("--primaries", type=positive_int,
                    help="MCsquare protons: per beamlet (mcsquare) or for the whole plan (mcsquare-plan)")
@@ -113,6 +114,10 @@ def add_commands(sub: argparse._SubParsersAction, add_common: Callable[..., None
                    help="also write every spot-energy's block (as the engine got it), energy and beamlet dose as a "
                    "dataset file (HDF5 beamlet format): with --engine mcsquare, Monte Carlo beamlets of the plan's "
                    "own blocks to fine-tune on (dota train) or to evaluate engines against (dota evaluate)")
+    p.add_argument("--blocks-in", type=Path, metavar="BLOCKS.h5",
+                   help="with --engine stored: the --blocks-out file of an earlier run of the same plan and CT, whose "
+                        "beamlets (e.g. Monte Carlo ones) go through this run's pipeline again, in seconds (the blocks "
+                        "are checked against the stored ones)")
     p.add_argument("--summary", type=Path, help="write the run's summary (statistics, timings) as JSON")
     _add_overwrite(p, "existing outputs of --out, --dvh, --dij, --summary and --report")
     add_common(p)

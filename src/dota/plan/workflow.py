@@ -34,7 +34,7 @@ from dota.plan.model import Plan
 from dota.plan.report import PAGE, PAGE_DVH, PAGE_SUMMARY
 from dota.report.schema import read_json
 
-ENGINES = ("dota", "analytic", "mcsquare", "mcsquare-plan")
+ENGINES = ("dota", "analytic", "mcsquare", "mcsquare-plan", "stored")
 #: Version of the layout of the summary (:class:`PlanSummary`); raised when a key changes meaning.
 PLAN_SUMMARY_VERSION = 1
 
@@ -86,13 +86,22 @@ def read_plan_summary(path: str | os.PathLike) -> PlanSummary:
 
 
 def build_engine(name: str, *, model: str | None = None, device: str = "auto", seed: int = 0,
-                 primaries: int | None = None, threads: int | None = None) -> Any:
-    """A beamlet engine by name for plan dose (``dota``, ``analytic``, ``mcsquare``)."""
+                 primaries: int | None = None, threads: int | None = None,
+                 blocks_in: str | os.PathLike | None = None) -> Any:
+    """A beamlet engine by name for plan dose (``dota``, ``analytic``, ``mcsquare``, or ``stored``: the beamlets of
+    ``blocks_in``, a ``--blocks-out`` file, :class:`dota.engines.stored.StoredBeamletEngine`)."""
     from dota.evaluate import make_engine
     from dota.engines import get_engine
 
     if name not in ENGINES or name == "mcsquare-plan":
         raise InputError(f"unknown plan engine {name!r}; choose from {', '.join(ENGINES)}")
+    if (name == "stored") != (blocks_in is not None):
+        raise InputError("--engine stored replays the beamlets of --blocks-in BLOCKS.h5 (a --blocks-out file), and "
+                         "--blocks-in applies to it only")
+    if name == "stored":
+        if model is not None or primaries is not None or threads is not None:
+            raise InputError("--model, --primaries and --threads do not apply to stored beamlets")
+        return get_engine("stored", path=blocks_in)
     if name == "mcsquare":
         if model is not None:
             raise InputError("--model applies to the dota engine only")
@@ -203,6 +212,7 @@ def run_dose(
     block_corrections: bool = True,
     workers: int | None = None,
     blocks_out: str | os.PathLike | None = None,
+    blocks_in: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """``dota dose``: see the module docstring. ``reference``: a reference dose, or several independent runs
     of one (Monte Carlo with different seeds), whose mean is the reference (its noise falls as 1/sqrt(runs)).
@@ -210,7 +220,8 @@ def run_dose(
     (:func:`dota.plan.dose.plan_workers`; default one per core, at most 8, for the dota and analytic engines). ``parallel_beams`` sends every spot along the beam axis
     (no virtual source); ``block_corrections=False`` leaves out the halo and the entrance-spot correction
     of engines with MCsquare blocks (:func:`dota.plan.dose.compute_plan_dose`). ``blocks_out``: write every spot-energy's block, energy and beamlet
-dose as a dataset file (``compute_plan_dose(blocks=...)``; atomically). Returns a summary (paths, statistics, timings), also written
+dose as a dataset file (``compute_plan_dose(blocks=...)``; atomically); ``blocks_in``: such a file, whose
+    beamlets the ``stored`` engine replays. Returns a summary (paths, statistics, timings), also written
     to ``summary_path`` when given. Every output is checked first (:func:`check_outputs`); existing ones are
     replaced only with ``overwrite``."""
     from dota.plan.doseio import dose_files
@@ -223,6 +234,9 @@ dose as a dataset file (``compute_plan_dose(blocks=...)``; atomically). Returns 
         raise InputError("--dvh needs structures (--structure)")
     if engine == "mcsquare-plan" and dij_path is not None:
         raise InputError("--dij needs a beamlet engine (dota, analytic, mcsquare), not mcsquare-plan")
+    if (engine == "stored") != (blocks_in is not None):
+        raise InputError("--engine stored replays the beamlets of --blocks-in BLOCKS.h5 (a --blocks-out file), and "
+                         "--blocks-in applies to it only")
     if engine == "mcsquare-plan" and blocks_out is not None:
         raise InputError("--blocks-out needs a beamlet engine (dota, analytic, mcsquare), not mcsquare-plan")
     if engine == "mcsquare-plan" and (parallel_beams or not block_corrections):
@@ -234,7 +248,9 @@ dose as a dataset file (``compute_plan_dose(blocks=...)``; atomically). Returns 
     files += [("--dij", dij_file(dij_path))] if dij_path is not None else []
     files += [("--summary", summary_path)] if summary_path is not None else []
     files += [("--blocks-out", blocks_out)] if blocks_out is not None else []
-    check_outputs(files, inputs=_input_files(ct_path, plan_path, *references, specs=structures), overwrite=overwrite,
+    stored = [blocks_in] if blocks_in is not None else []
+    check_outputs(files, inputs=_input_files(ct_path, plan_path, *references, *stored, specs=structures),
+                  overwrite=overwrite,
                   report_dir=report_dir, report_writes=(PAGE, PAGE_SUMMARY) + ((PAGE_DVH,) if structures else ()))
     timer = StageTimer()
     started = time.perf_counter()
@@ -259,7 +275,8 @@ dose as a dataset file (``compute_plan_dose(blocks=...)``; atomically). Returns 
         dij = None
     else:
         with timer("setup"):
-            eng = build_engine(engine, model=model, device=device, seed=seed, primaries=primaries, threads=threads)
+            eng = build_engine(engine, model=model, device=device, seed=seed, primaries=primaries, threads=threads,
+                               blocks_in=blocks_in)
         corrections = None if block_corrections else False
 
         def compute(blocks: Any = None) -> Any:
