@@ -538,7 +538,9 @@ def _core_sigma2_polynomial(energy_mev: float) -> np.ndarray:
     from dota.engines.analytic import beam_model_spot
 
     v = np.array([[s * s for s in beam_model_spot(energy_mev, -x)[0][1:]] for x in (-1.0, 0.0, 1.0)])
-    return np.stack([v[1], 0.5 * (v[2] - v[0]), 0.5 * (v[2] + v[0]) - v[1]])
+    poly = np.stack([v[1], 0.5 * (v[2] - v[0]), 0.5 * (v[2] + v[0]) - v[1]])
+    poly.flags.writeable = False  # shared by every caller (cached)
+    return poly
 
 
 def _second_difference(a: np.ndarray, axis: int) -> np.ndarray:

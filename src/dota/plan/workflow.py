@@ -85,6 +85,13 @@ def read_plan_summary(path: str | os.PathLike) -> PlanSummary:
     return read_json(path, PlanSummary, PLAN_SUMMARY_VERSION)
 
 
+def _check_blocks_in(engine: str, blocks_in: str | os.PathLike | None) -> None:
+    """``--blocks-in`` goes with ``--engine stored`` and with it only."""
+    if (engine == "stored") != (blocks_in is not None):
+        raise InputError("--engine stored replays the beamlets of --blocks-in BLOCKS.h5 (a --blocks-out file), and "
+                         "--blocks-in applies to it only")
+
+
 def build_engine(name: str, *, model: str | None = None, device: str = "auto", seed: int = 0,
                  primaries: int | None = None, threads: int | None = None,
                  blocks_in: str | os.PathLike | None = None) -> Any:
@@ -95,9 +102,7 @@ def build_engine(name: str, *, model: str | None = None, device: str = "auto", s
 
     if name not in ENGINES or name == "mcsquare-plan":
         raise InputError(f"unknown plan engine {name!r}; choose from {', '.join(ENGINES)}")
-    if (name == "stored") != (blocks_in is not None):
-        raise InputError("--engine stored replays the beamlets of --blocks-in BLOCKS.h5 (a --blocks-out file), and "
-                         "--blocks-in applies to it only")
+    _check_blocks_in(name, blocks_in)
     if name == "stored":
         if model is not None or primaries is not None or threads is not None:
             raise InputError("--model, --primaries and --threads do not apply to stored beamlets")
@@ -234,9 +239,7 @@ dose as a dataset file (``compute_plan_dose(blocks=...)``; atomically); ``blocks
         raise InputError("--dvh needs structures (--structure)")
     if engine == "mcsquare-plan" and dij_path is not None:
         raise InputError("--dij needs a beamlet engine (dota, analytic, mcsquare), not mcsquare-plan")
-    if (engine == "stored") != (blocks_in is not None):
-        raise InputError("--engine stored replays the beamlets of --blocks-in BLOCKS.h5 (a --blocks-out file), and "
-                         "--blocks-in applies to it only")
+    _check_blocks_in(engine, blocks_in)
     if engine == "mcsquare-plan" and blocks_out is not None:
         raise InputError("--blocks-out needs a beamlet engine (dota, analytic, mcsquare), not mcsquare-plan")
     if engine == "mcsquare-plan" and (parallel_beams or not block_corrections):
@@ -248,10 +251,8 @@ dose as a dataset file (``compute_plan_dose(blocks=...)``; atomically); ``blocks
     files += [("--dij", dij_file(dij_path))] if dij_path is not None else []
     files += [("--summary", summary_path)] if summary_path is not None else []
     files += [("--blocks-out", blocks_out)] if blocks_out is not None else []
-    stored = [blocks_in] if blocks_in is not None else []
-    check_outputs(files, inputs=_input_files(ct_path, plan_path, *references, *stored, specs=structures),
-                  overwrite=overwrite,
-                  report_dir=report_dir, report_writes=(PAGE, PAGE_SUMMARY) + ((PAGE_DVH,) if structures else ()))
+    check_outputs(files, inputs=_input_files(ct_path, plan_path, *references, blocks_in, specs=structures),
+                  overwrite=overwrite, report_dir=report_dir, report_writes=(PAGE, PAGE_SUMMARY) + ((PAGE_DVH,) if structures else ()))
     timer = StageTimer()
     started = time.perf_counter()
     with timer("read"):
